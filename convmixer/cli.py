@@ -1,0 +1,252 @@
+"""The ``convmixer`` command: thin shells over the library functions."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+EXAMPLES = """examples:
+  convmixer models                                   list the named variants
+  convmixer summary convmixer_1536_20                parameters, FLOPs and a timed forward pass
+  convmixer train                                    the authors' CIFAR-10 recipe (ConvMixer-256/8)
+  convmixer train --config fashion_mnist --epochs 1  a shipped config with an override
+  torchrun --nproc_per_node=2 -m convmixer train     the same on 2 processes (DDP)
+  convmixer eval --checkpoint runs/default/model.safetensors --json
+  convmixer predict --checkpoint runs/default/model.safetensors cat.jpg dog.png
+"""
+
+
+def cmd_models(args):
+    from .model import VARIANTS, count_parameters, create_model, list_models
+    print(f"{'name':<28} {'h':>5} {'d':>3} {'k':>2} {'p':>3} {'act':<5} {'classes':>7} {'params':>12}  notes")
+    for name in list_models(args.pattern):
+        v = VARIANTS[name]
+        n = count_parameters(create_model(name))
+        print(f"{name:<28} {v.dim:>5} {v.depth:>3} {v.kernel_size:>2} {v.patch_size:>3} {v.act_layer:<5} "
+              f"{v.num_classes:>7} {n / 1e6:>11.3f}M  {v.note}")
+
+
+def cmd_summary(args):
+    import time
+
+    import torch
+
+    from .model import VARIANTS, count_parameters, create_model, flops_per_image
+    model = create_model(args.model).eval()
+    size = args.img_size or VARIANTS[args.model].input_size
+    x = torch.randn(args.batch_size, model.in_chans, size, size).contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    gflop = flops_per_image(model, size, size) / 1e9
+    best = min(times)
+    print(f"{args.model}: {count_parameters(model):,} parameters, {gflop:.3f} GFLOP per {size}x{size} image, "
+          f"patch grid {size // model.patch_size}x{size // model.patch_size}")
+    print(f"forward, batch {args.batch_size}, fp32 on {torch.get_num_threads()} CPU thread(s): {best * 1e3:.1f} ms "
+          f"({args.batch_size / best:.1f} img/s, {gflop * args.batch_size / best:.1f} GFLOP/s)")
+
+
+def _add_config_flags(parser):
+    from .config import TrainConfig
+    group = parser.add_argument_group("config keys (each also settable as key=value; see the shipped YAML files)")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, metavar=f.name.upper(),
+                           default=argparse.SUPPRESS, help=f"default: {default}")
+
+
+def cmd_train(args):
+    from .config import make_config, parse_overrides
+    from .train import train
+    overrides = parse_overrides(args.overrides)
+    overrides.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
+    cfg = make_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    return 0 if result is not None else 1
+
+
+def _eval_data(args, info):
+    import torch
+
+    from .data import load_dataset, split_train_val
+    cfg = info.get("config") or {}
+    dataset = args.dataset or info.get("dataset") or cfg.get("dataset")
+    data_dir = args.data_dir or cfg.get("data_dir", "data")
+    split = args.split or ("val" if cfg.get("val_split", 0) else "test")
+    img_size = info["img_size"]
+    if split == "test":
+        data = load_dataset(dataset, data_dir, train=False, img_size=img_size, download=False,
+                            skip_bad_images=args.skip_bad_images)
+    else:
+        full = load_dataset(dataset, data_dir, train=True, img_size=img_size, download=False,
+                            skip_bad_images=args.skip_bad_images)
+        if split == "train":
+            data = full
+        else:
+            data = split_train_val(full, args.val_split or cfg.get("val_split", 5000), seed=cfg.get("seed", 0))[1]
+    if list(data.classes) != list(info["classes"]):
+        raise ValueError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info['classes'][:4]}...: "
+                         f"use a folder with the same class names")
+    return data, dataset, split
+
+
+def cmd_eval(args):
+    import torch
+
+    from .evaluate import evaluate, load_for_inference
+    from .train import amp_dtype
+    model, info = load_for_inference(args.checkpoint)
+    data, dataset, split = _eval_data(args, info)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).to(memory_format=torch.channels_last)
+    from .config import TrainConfig
+    amp = None if args.fp32 else amp_dtype(TrainConfig(), device)
+    result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
+                      workers=args.workers)
+    result.update(dataset=dataset, split=split, checkpoint=args.checkpoint)
+    if args.confusion_png:
+        from .viz import plot_confusion
+        plot_confusion(result["confusion"], info["classes"], args.confusion_png)
+    if args.json:
+        print(json.dumps(result if args.full else {k: result[k] for k in ("top1", "top5", "n", "loss")}))
+        return 0
+    print(f"{dataset} {split}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+          f"loss {result['loss']:.4f}  ({result['n']} images)")
+    width = max(len(c) for c in info["classes"])
+    print("per-class accuracy:")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+    if len(info["classes"]) <= 20:
+        print("confusion matrix (rows: true class, columns: predicted):")
+        for name, row in zip(info["classes"], result["confusion"]):
+            print(f"  {name:<{width}} " + " ".join(f"{v:>5d}" for v in row))
+    return 0
+
+
+def cmd_predict(args):
+    from .evaluate import load_for_inference, predict
+    model, info = load_for_inference(args.checkpoint)
+    results = predict(model, info, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        print(r["file"])
+        for t in r["top"]:
+            print(f"  {t['class']:<20} {100 * t['probability']:6.2f}%")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convmixer", description="ConvMixer (\"Patches Are All You Need?\"): "
+                                     "models, training, evaluation and tools.", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the named model variants with their parameter counts")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'convmixer_256*'")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="parameters, FLOPs and a timed forward pass of a variant")
+    p.add_argument("model", nargs="?", default="convmixer_256_8")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train a model (default: the authors' CIFAR-10 recipe)",
+                       description="Train a ConvMixer. Settings come from --config (a YAML/TOML file or a "
+                                   "shipped config name: cifar10_script, cifar10_paper, fashion_mnist, "
+                                   "imagenet_1536_20, imagenet_768_32, imagenet_1024_20_p14), then from "
+                                   "--key value flags and key=value words.")
+    p.add_argument("--config", default=None, help="YAML/TOML file or shipped config name")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from <out>/last.pt")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors / best.safetensors / last.pt of a run")
+    p.add_argument("--dataset", default=None, help="default: the one the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", choices=("val", "test", "train"), default=None,
+                   help="val: the run's seeded split of the training set; test: the test split (or <dir>/test)")
+    p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--fp32", action="store_true", help="no bf16/fp16 autocast")
+    p.add_argument("--tta-flip", action="store_true", help="average the predictions for each image and its mirror")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON object with top1, top5, n, loss")
+    p.add_argument("--full", action="store_true", help="with --json: also per-class accuracy and confusion matrix")
+    p.add_argument("--confusion-png", default=None, help="write the confusion matrix as a PNG")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes for image files")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    for name in ("bench", "export", "viz", "ablate"):
+        module = _optional_command(name)
+        if module is not None:
+            module.add_parser(sub)
+    return parser
+
+
+def _optional_command(name):
+    import importlib
+    try:
+        return importlib.import_module(f".{name}", __package__)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith(f"convmixer.{name}"):
+            return None
+        raise
+
+
+def _version():
+    from . import __version__
+    return f"convmixer {__version__}"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = debug
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+    from .weights import WeightsError
+    try:
+        return args.func(args) or 0
+    except (ConfigError, DataError, WeightsError, TrainingError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"convmixer {args.command}: error: {e}", file=sys.stderr)
+        print("(run with --debug for the full traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convmixer {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,393 @@
+"""Data sets and input pipelines.
+
+Small data sets (CIFAR, (Fashion-)MNIST, image folders of same-size images) are decoded once into
+one uint8 tensor (N, C, H, W), cached on disk as safetensors, so an epoch never decodes an image
+again; large folders (ImageNet layout) are decoded on the fly in DataLoader workers. Both feed the
+same per-image torchvision.transforms.v2 pipeline; mixup/CutMix run on whole batches.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder")
+STATS = {  # per-channel mean/std of the training images
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+class DataError(RuntimeError):
+    """A data set that cannot be read: missing, corrupt or in an unexpected format."""
+
+
+@dataclass
+class ImageData:
+    """A labelled image set: either decoded (``images`` uint8 N x C x H x W) or ``files`` to decode."""
+    labels: torch.Tensor
+    classes: list[str]
+    images: torch.Tensor | None = None
+    files: list[str] | None = None
+    channels: int = 3
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageData":
+        return ImageData(self.labels[index], self.classes,
+                         None if self.images is None else self.images[index],
+                         None if self.files is None else [self.files[i] for i in index.tolist()], self.channels)
+
+
+# --- readers -------------------------------------------------------------------------------------
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's python pickles hold only numpy arrays, lists and strings: refuse anything else, so a
+    doctored file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+        data = torch.as_tensor(entry["data"])
+        labels = torch.as_tensor(entry[label_key], dtype=torch.long)
+    except FileNotFoundError:
+        raise DataError(f"missing CIFAR file {path}") from None
+    except Exception as e:
+        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise DataError(f"{path} has the wrong shape {tuple(data.shape)} (expected N x 3072 with N labels)")
+    return data.view(-1, 3, 32, 32).to(torch.uint8), labels
+
+
+def read_cifar(root: Path, train: bool, hundred: bool) -> ImageData:
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    if hundred:
+        images, labels = _read_cifar_batch(folder / ("train" if train else "test"), "fine_labels")
+        with open(folder / "meta", "rb") as f:
+            classes = _ArrayUnpickler(f, encoding="latin1").load()["fine_label_names"]
+    else:
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        parts = [_read_cifar_batch(folder / n, "labels") for n in names]
+        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        classes = CIFAR10_CLASSES
+    return ImageData(labels, list(classes), images=images)
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path} cannot be read ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(torch.tensor(dims).prod())
+    if len(raw) != expected:
+        raise DataError(f"{path} has {len(raw)} bytes but its header promises {expected}: the file is truncated "
+                        f"or corrupt, download it again")
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+
+
+def _find_idx(root: Path, folder: str, stem: str) -> Path:
+    for base in (root / folder / "raw", root / folder, root / folder.lower(), root / "fashion-mnist", root):
+        for name in (stem, stem + ".gz"):
+            if (base / name).is_file():
+                return base / name
+    raise FileNotFoundError(stem)
+
+
+def read_mnist(root: Path, train: bool, fashion: bool) -> ImageData:
+    folder = "FashionMNIST" if fashion else "MNIST"
+    prefix = "train" if train else "t10k"
+    images = _read_idx(_find_idx(root, folder, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find_idx(root, folder, f"{prefix}-labels-idx1-ubyte")).long()
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{folder} {prefix}: {len(images)} images but {len(labels)} labels")
+    classes = FASHION_CLASSES if fashion else [str(i) for i in range(10)]
+    return ImageData(labels, classes, images=images.unsqueeze(1).contiguous(), channels=1)
+
+
+def scan_folder(root: Path) -> ImageData:
+    """An ImageFolder tree: ``root/<class>/<image>``; class folders sorted by name."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class folders: expected {root}/<class>/<image files>")
+    files, labels, empty = [], [], []
+    for index, name in enumerate(classes):
+        found = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            empty.append(name)
+        files += found
+        labels += [index] * len(found)
+    if empty:
+        raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty[:5])}; remove them or add images")
+    return ImageData(torch.tensor(labels), classes, files=files)
+
+
+def decode(path: str, channels: int = 3) -> torch.Tensor:
+    """One image file as uint8 C x H x W (RGB, or grayscale when channels == 1); any mode,
+    bit depth or alpha is converted. Unreadable files raise DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale, don't clip
+                import numpy as np
+                a = np.asarray(im, dtype=np.float64)
+                peak = 65535.0 if im.mode.startswith("I;16") else max(a.max(), 1.0)
+                im = Image.fromarray((a * 255.0 / peak).clip(0, 255).astype("uint8"))
+            im = im.convert("L" if channels == 1 else "RGB")
+            return v2.functional.pil_to_tensor(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+# --- data sets by name ---------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CONVMIXER_CACHE", Path.home() / ".cache" / "convmixer"))
+
+
+def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, progress: bool = True) -> ImageData:
+    """Decode every file once into one uint8 tensor, cached on disk (safetensors) by content key."""
+    from safetensors.torch import load_file, save_file
+    stat = [os.stat(f) for f in data.files]
+    key = hashlib.sha256(repr((data.files, [(s.st_size, s.st_mtime_ns) for s in stat], size,
+                               data.channels)).encode()).hexdigest()[:20]
+    cache = _cache_dir() / f"images-{key}.safetensors"
+    if cache.is_file():
+        try:
+            t = load_file(str(cache))
+            return ImageData(t["labels"], data.classes, images=t["images"], channels=data.channels)
+        except Exception:
+            cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+    from tqdm import tqdm
+    images, labels, bad = [], [], []
+    first_shape = None
+    for path, label in tqdm(list(zip(data.files, data.labels.tolist())), desc="decoding images", unit="img",
+                            disable=not progress, leave=False):
+        try:
+            img = decode(path, data.channels)
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.append(path)
+            continue
+        if size is not None and img.shape[-2:] != (size, size):
+            img = v2.functional.resize(img, [size, size], antialias=True)
+        first_shape = first_shape or img.shape
+        if img.shape != first_shape:
+            raise DataError(f"{path} is {tuple(img.shape[-2:])} but earlier images are {tuple(first_shape[-2:])}: "
+                            f"pass --img-size to resize all images to one size")
+        images.append(img)
+        labels.append(label)
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+    if not images:
+        raise DataError("no readable images")
+    out = ImageData(torch.tensor(labels), data.classes, images=torch.stack(images), channels=data.channels)
+    try:
+        from .weights import atomic_write
+        atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp))
+    except OSError:
+        pass  # the cache is an optimisation; a read-only or full disk must not stop training
+    return out
+
+
+def _extract_tarball(tarball: Path) -> Path:
+    """Unpack a .tar.gz data set once into the cache and return the folder."""
+    target = _cache_dir() / tarball.name.split(".tar")[0]
+    marker = target / ".complete"
+    if not marker.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(target, filter="data")
+        marker.touch()
+    return target
+
+
+def _download(name: str, root: Path):
+    import torchvision.datasets as tvd
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion_mnist": tvd.FashionMNIST,
+           "mnist": tvd.MNIST}[name]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        import contextlib
+        with contextlib.redirect_stdout(io.StringIO()):
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{name} not found under {root} and the download failed ({reason}); "
+                        f"pass --data-dir pointing at a local copy") from None
+
+
+def _cifar10_jpeg_folder(root: Path) -> Path | None:
+    """The JPEG copy of CIFAR-10 (../shared/data): an unpacked folder or its tarball."""
+    for candidate in (root / "cifar10-jpg" / "train", root / "train"):
+        if candidate.is_dir() and (candidate / "airplane").is_dir():
+            return candidate
+    tarball = root / "cifar10-jpg-train.tar.gz"
+    if tarball.is_file():
+        return _extract_tarball(tarball) / "cifar10-jpg" / "train"
+    return None
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img_size: int | None = None,
+                 download: bool = True, skip_bad_images: bool = False, cache: bool = True) -> ImageData:
+    """Read a data set split. ``name`` is one of DATASETS; ``data_dir`` holds it in the torchvision
+    on-disk layout (or the JPEG ImageFolder copy of CIFAR-10, or its .tar.gz). Returns decoded
+    uint8 images when the set is small, file paths otherwise (``cache=False`` forces files)."""
+    root = Path(data_dir).expanduser()
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "imagefolder":
+        splits = ["train"] if train else ["val", "test"]
+        split = next((root / s for s in splits if (root / s).is_dir()), root)
+        folder = scan_folder(split)
+        return decode_folder(folder, img_size, skip_bad_images) if cache and len(folder) <= 200_000 and img_size else folder
+    if name.startswith("cifar"):
+        hundred = name == "cifar100"
+        torchvision_folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+        if not torchvision_folder.is_dir() and not hundred:
+            jpeg = _cifar10_jpeg_folder(root)
+            if jpeg is not None:
+                if not train:
+                    raise DataError(f"the JPEG copy of CIFAR-10 in {root} has no test split: use --val-split, "
+                                    f"or --dataset imagefolder --data-dir <folder with test/>")
+                return decode_folder(scan_folder(jpeg), 32, skip_bad_images)
+        if not torchvision_folder.is_dir():
+            if not download:
+                raise DataError(f"{name} not found under {root}: pass --data-dir pointing at a local copy")
+            _download(name, root)
+        return read_cifar(root, train, hundred)
+    fashion = name == "fashion_mnist"
+    try:
+        return read_mnist(root, train, fashion)
+    except FileNotFoundError:
+        if not download:
+            raise DataError(f"{name} IDX files not found under {root}: pass --data-dir pointing at them") from None
+        _download(name, root)
+        return read_mnist(root, train, fashion)
+
+
+def split_train_val(data: ImageData, val_size: float, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """A seeded random validation split carved from the training set: ``val_size`` images
+    (or that fraction of them when < 1)."""
+    n = len(data)
+    count = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if not 0 < count < n:
+        raise DataError(f"--val-split {val_size} leaves no training or no validation images out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return data.subset(perm[count:].sort().values), data.subset(perm[:count].sort().values)
+
+
+# --- pipelines ------------------------------------------------------------------------------------
+@dataclass
+class AugmentConfig:
+    img_size: int = 32
+    scale_min: float = 1.0          # random-resized-crop scale range (scale_min, 1)
+    hflip: float = 0.5
+    randaugment_n: int = 0          # 0 = off
+    randaugment_m: int = 9
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    mixup: float = 0.0              # mixup alpha; 0 = off
+    cutmix: float = 0.0             # CutMix alpha; 0 = off
+    crop_pct: float = 1.0           # evaluation: resize to img_size / crop_pct, centre-crop img_size
+
+
+def train_transform(cfg: AugmentConfig, mean, std) -> v2.Compose:
+    steps = [v2.RandomResizedCrop(cfg.img_size, scale=(cfg.scale_min, 1.0), antialias=True)]
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.randaugment_n > 0:
+        steps.append(v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m))
+    if cfg.color_jitter > 0:
+        steps.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if cfg.random_erasing > 0:
+        steps.append(v2.RandomErasing(cfg.random_erasing, value="random"))
+    return v2.Compose(steps)
+
+
+def eval_transform(cfg: AugmentConfig, mean, std) -> v2.Compose:
+    resize = int(round(cfg.img_size / cfg.crop_pct))
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(cfg.img_size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def batch_mixer(cfg: AugmentConfig, num_classes: int):
+    """mixup / CutMix on a whole batch (labels become soft), one of them picked per batch."""
+    mixers = []
+    if cfg.mixup > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+class TransformedImages(torch.utils.data.Dataset):
+    """(transformed image, label) pairs from decoded images or files."""
+
+    def __init__(self, data: ImageData, transform, skip_bad_images: bool = False):
+        self.data, self.transform, self.skip_bad = data, transform, skip_bad_images
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if self.data.images is not None:
+            img = self.data.images[i]
+        else:
+            try:
+                img = decode(self.data.files[i], self.data.channels)
+            except DataError:
+                if not self.skip_bad:
+                    raise
+                return self[(i + 1) % len(self)]  # a substitute keeps batch shapes; counted at scan time
+        return self.transform(img), self.data.labels[i]
+
+
+def fast_eval_batches(data: ImageData, batch_size: int, mean, std, img_size: int):
+    """Evaluation batches straight from a decoded uint8 tensor (no per-image work)."""
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    for start in range(0, len(data), batch_size):
+        x = data.images[start:start + batch_size].float().div_(255)
+        if x.shape[-1] != img_size or x.shape[-2] != img_size:
+            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        yield (x - mean_t) / std_t, data.labels[start:start + batch_size]

@@ -1,0 +1,103 @@
+"""Evaluation (top-1/top-5, per-class accuracy, confusion matrix) and prediction on image files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import AugmentConfig, ImageData, TransformedImages, decode, eval_transform, fast_eval_batches
+from .model import ConvMixer
+from .weights import WeightsError, load_into, read_metadata, read_state_dict
+
+
+def _batches(data: ImageData, info: dict, batch_size: int, workers: int = 0):
+    if data.images is not None:
+        yield from fast_eval_batches(data, batch_size, info["mean"], info["std"], info["img_size"])
+        return
+    aug = AugmentConfig(img_size=info["img_size"], crop_pct=info.get("crop_pct", 0.875))
+    dataset = TransformedImages(data, eval_transform(aug, info["mean"], info["std"]))
+    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: int = 256, device="cpu",
+             amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
+             workers: int = 0) -> dict:
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class)."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    num_classes = len(info["classes"])
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5, n = 0.0, 0, 0
+    for images, labels in _batches(data, info, batch_size, workers):
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images).float()
+            if tta_flip:
+                logits = (logits + model(images.flip(-1)).float()) / 2
+        logits, labels = logits.cpu(), labels.cpu()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        k = min(5, num_classes)
+        top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
+        confusion += torch.bincount(labels * num_classes + logits.argmax(-1),
+                                    minlength=num_classes ** 2).view(num_classes, num_classes)
+        n += len(labels)
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("the evaluation set is empty")
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    return {"top1": confusion.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
+            "per_class": dict(zip(info["classes"], per_class)), "confusion": confusion.tolist()}
+
+
+def load_for_inference(checkpoint: str | Path, num_classes: int | None = None) -> tuple[ConvMixer, dict]:
+    """A model and its data info (classes, mean/std, image size) from a training checkpoint (.pt)
+    or weights written by ``convmixer train`` (.safetensors with metadata)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if "model_args" not in meta:
+            raise WeightsError(f"{path} has no model description in its metadata (not written by convmixer "
+                               f"train); build the model with convmixer.create_model and load_weights")
+        info = {k: json.loads(meta[k]) for k in ("model_args", "classes", "mean", "std")}
+        info["img_size"] = int(meta["img_size"])
+        info["dataset"] = meta.get("dataset", "")
+        info["config"] = json.loads(meta.get("config", "{}"))
+        state = read_state_dict(path)
+    else:
+        from .train import TrainingError, load_checkpoint
+        try:
+            ckpt = load_checkpoint(path)
+        except TrainingError as e:
+            raise WeightsError(str(e)) from None
+        info = {k: ckpt[k] for k in ("model_args", "classes", "mean", "std", "img_size", "dataset", "config")}
+        state = ckpt["model"]
+    args = dict(info["model_args"])
+    model = ConvMixer(**args)
+    load_into(model, state, strict=True, source=str(path))
+    if num_classes is not None and num_classes != args["num_classes"]:
+        raise WeightsError(f"{path} has a {args['num_classes']}-class head but --num-classes is {num_classes}")
+    return model.eval(), info
+
+
+@torch.no_grad()
+def predict(model: ConvMixer, info: dict, files: list[str], top_k: int = 5, device="cpu") -> list[dict]:
+    """Top-k classes with probabilities for image files of any size and mode."""
+    aug = AugmentConfig(img_size=info["img_size"], crop_pct=1.0)
+    transform = eval_transform(aug, info["mean"], info["std"])
+    model.eval().to(device)
+    results = []
+    for f in files:
+        x = transform(decode(f, model.in_chans)).unsqueeze(0).to(device)
+        probs = model(x).softmax(-1)[0].cpu()
+        p, idx = probs.topk(min(top_k, len(probs)))
+        results.append({"file": str(f), "top": [{"class": info["classes"][i], "index": i, "probability": v}
+                                                for v, i in zip(p.tolist(), idx.tolist())]})
+    return results

@@ -1,0 +1,82 @@
+"""Faster CPU paths for ConvMixer's hot spots, each exact and each with a switch back.
+
+1. ``depthwise_conv2d``: the depthwise convolution with a hand-routed backward pass. PyTorch's
+   (oneDNN's) depthwise backward is the slowest op of a ConvMixer training step on CPUs: its input
+   gradient is several times slower than a forward convolution, although it *is* one (a depthwise
+   convolution with the kernel flipped), and its weight gradient is twice as slow in bf16 as in
+   fp32. The backward here computes the input gradient as that flipped forward convolution and
+   the weight gradient always in fp32. BENCHMARKS.md has the measurements.
+2. ``tune_allocator``: glibc hands every large activation back to the kernel (mmap/munmap) and
+   pays page faults to get it again on the next step; keeping freed memory in the process halves
+   the system time of an eager CPU training step.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        pad = weight.shape[-1] // 2
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                        padding=pad, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        channels, pad = weight.shape[0], weight.shape[-1] // 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # d(out)/d(x) of a cross-correlation is a cross-correlation with the flipped kernel.
+            grad_x = F.conv2d(grad, weight.flip(-1, -2).to(grad.dtype), padding=pad, groups=channels).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad.float(), x.float(), weight.float(), None, [1, 1], [pad, pad], [1, 1], False, [0, 0],
+                channels, [False, True, False])[1].to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise convolution, stride 1, padding "same" (odd kernels), with a faster backward on CPU.
+    Falls back to F.conv2d for even kernels and for CUDA, where cuDNN's backward is already good."""
+    if weight.shape[-1] % 2 == 0 or x.device.type != "cpu" or torch.jit.is_scripting():
+        return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
+    if torch.is_autocast_enabled("cpu"):
+        x = x.to(torch.get_autocast_dtype("cpu"))
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                        padding=weight.shape[-1] // 2, groups=weight.shape[0])
+    return _DepthwiseConv2d.apply(x, weight, bias)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory inside the process (glibc: no mmap for large blocks, no trimming).
+    Skipped when CONVMIXER_NO_MALLOPT=1, when the user already set MALLOC_* variables, or off glibc."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("CONVMIXER_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):
+        return False
+    if any(k.startswith("MALLOC_") for k in os.environ) or "LD_PRELOAD" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok

@@ -1,0 +1,285 @@
+"""ConvMixer, as "Patches Are All You Need?" (Trockman & Kolter, 2022) defines it.
+
+    patch embedding:  Conv2d(C, h, p, stride=p) -> act -> BN
+    d times:          x = x + BN(act(DepthwiseConv2d(h, k, padding="same")(x)))
+                      x = BN(act(Conv2d(h, h, 1)(x)))
+    head:             global average pool -> Linear(h, n)
+
+Module names follow timm (``stem``, ``blocks.i.0.fn``, ``head``) so the officially released
+checkpoints and timm state dicts load with ``strict=True``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .fastops import depthwise_conv2d
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+NORMS = {
+    "batchnorm": nn.BatchNorm2d,
+    # "LayerNorm-style": normalise each sample over (C, H, W), the paper's normalisation ablation.
+    "layernorm": lambda dim: nn.GroupNorm(1, dim),
+}
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module, enabled: bool = True):
+        super().__init__()
+        self.fn = fn
+        self.enabled = enabled
+
+    def forward(self, x):
+        return self.fn(x) + x if self.enabled else self.fn(x)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """k x k depthwise convolution, padding "same". Same parameters as nn.Conv2d(groups=dim);
+    the forward goes through :func:`convmixer.fastops.depthwise_conv2d`, whose backward is faster
+    than PyTorch's on CPUs (set ``fast=False`` for the plain op)."""
+
+    def __init__(self, dim: int, kernel_size: int, fast: bool = True):
+        super().__init__(dim, dim, kernel_size, groups=dim, padding="same")
+        self.fast = fast
+
+    def forward(self, x):
+        if self.fast:
+            return depthwise_conv2d(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _make_act(act_layer) -> nn.Module:
+    if isinstance(act_layer, str):
+        if act_layer.lower() not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act_layer!r}: choose one of {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[act_layer.lower()]()
+    return act_layer()
+
+
+class ConvMixer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        kernel_size: int = 9,
+        patch_size: int = 7,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        act_layer="gelu",
+        drop_rate: float = 0.0,
+        residual: bool = True,
+        norm_layer: str = "batchnorm",
+        fast: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size),
+                            ("patch_size", patch_size), ("in_chans", in_chans)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0 = feature extractor), got {num_classes!r}")
+        if norm_layer not in NORMS:
+            raise ValueError(f"unknown norm_layer {norm_layer!r}: choose one of {sorted(NORMS)}")
+        norm = NORMS[norm_layer]
+        self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
+        self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dim
+        self.grad_checkpointing = False
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
+            _make_act(act_layer),
+            norm(dim),
+        )
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(
+                Residual(nn.Sequential(
+                    DepthwiseConv2d(dim, kernel_size, fast=fast),
+                    _make_act(act_layer),
+                    norm(dim),
+                ), enabled=residual),
+                nn.Conv2d(dim, dim, kernel_size=1),
+                _make_act(act_layer),
+                norm(dim),
+            )
+            for _ in range(depth)
+        ])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- the timm-style interface -------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def set_fast(self, enable: bool = True):
+        """Switch every depthwise convolution between the fast op and plain nn.Conv2d."""
+        for module in self.modules():
+            if isinstance(module, DepthwiseConv2d):
+                module.fast = enable
+        return self
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int):
+        device = self.stem[0].weight.device
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor):
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected a batch of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the patch size "
+                             f"{self.patch_size}: resize the images to at least {self.patch_size} px")
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return _checkpointed(block, x)
+        return block(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Features and the per-layer feature maps: index 0 is the patch embedding, index i the
+        output of ConvMixer layer i (1..depth). ``indices=None`` keeps all of them."""
+        self._check_input(x)
+        keep = set(range(self.depth + 1)) if indices is None else set(indices)
+        x = self.stem(x)
+        maps = [x] if 0 in keep else []
+        for i, block in enumerate(self.blocks, start=1):
+            x = self._run_block(block, x)
+            if i in keep:
+                maps.append(x)
+        return x, maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.stem(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Activation checkpointing of one block. The backward pass re-runs the block; that re-run
+    must not update the BatchNorm running statistics a second time."""
+    calls = []
+
+    def run(inp):
+        if not calls:
+            calls.append(True)
+            return block(inp)
+        bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+        for m in bns:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        try:
+            return block(inp)
+        finally:
+            for m, (momentum, tracked) in zip(bns, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(tracked)
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
+# --- named variants ---------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+RELEASE_URL = "https://github.com/tmp-iclr/convmixer/releases/download/v1.0/"
+
+
+@dataclass(frozen=True)
+class Variant:
+    dim: int
+    depth: int
+    kernel_size: int
+    patch_size: int
+    act_layer: str = "gelu"
+    num_classes: int = 1000
+    input_size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    crop_pct: float = 0.96
+    url: str | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_CIFAR = dict(num_classes=10, input_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0)
+
+VARIANTS: dict[str, Variant] = {
+    # ImageNet-1k models with the officially released weights.
+    "convmixer_1536_20": Variant(1536, 20, 9, 7, url=RELEASE_URL + "convmixer_1536_20_ks9_p7.pth.tar",
+                                 note="ImageNet 81.37% top-1, 51.6M params"),
+    "convmixer_768_32": Variant(768, 32, 7, 7, act_layer="relu",
+                                url=RELEASE_URL + "convmixer_768_32_ks7_p7_relu.pth.tar",
+                                note="ImageNet 80.16% top-1 (300 epochs, ReLU), 21.1M params"),
+    "convmixer_1024_20_ks9_p14": Variant(1024, 20, 9, 14, url=RELEASE_URL + "convmixer_1024_20_ks9_p14.pth.tar",
+                                         note="ImageNet 76.94% top-1, 24.4M params"),
+    # CIFAR-10 models.
+    "convmixer_256_8": Variant(256, 8, 5, 2, **_CIFAR, note="the authors' CIFAR-10 script: ~92.5% in 25 epochs"),
+    "convmixer_256_8_ks9_p1": Variant(256, 8, 9, 1, **_CIFAR, note="paper's CIFAR-10 model, 0.707M params, ~96%"),
+    "convmixer_256_8_ks9_p2": Variant(256, 8, 9, 2, **_CIFAR, note="paper CIFAR-10 table, p=2"),
+    "convmixer_256_8_ks7_p1": Variant(256, 8, 7, 1, **_CIFAR, note="paper CIFAR-10 table, k=7"),
+    "convmixer_256_8_ks5_p1": Variant(256, 8, 5, 1, **_CIFAR, note="paper CIFAR-10 table, k=5"),
+    "convmixer_256_16_ks9_p1": Variant(256, 16, 9, 1, **_CIFAR, note="paper CIFAR-10 table, depth 16"),
+    "convmixer_256_16_ks9_p2": Variant(256, 16, 9, 2, **_CIFAR, note="paper CIFAR-10 table, depth 16, p=2"),
+}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    import fnmatch
+    return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
+
+
+def model_kwargs(name: str) -> dict:
+    """The constructor arguments of a named variant."""
+    if name not in VARIANTS:
+        import difflib
+        close = difflib.get_close_matches(name, VARIANTS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; `convmixer models` lists them")
+    v = VARIANTS[name]
+    return dict(dim=v.dim, depth=v.depth, kernel_size=v.kernel_size, patch_size=v.patch_size,
+                act_layer=v.act_layer, num_classes=v.num_classes)
+
+
+def create_model(name: str, pretrained=False, **overrides) -> ConvMixer:
+    """Build a named variant. ``pretrained=True`` loads the official release weights (downloaded
+    once into the torch hub cache), ``pretrained="file.pth|.pth.tar|.safetensors"`` a local file.
+    Any constructor argument can be overridden (``num_classes=10``, ``in_chans=1``, ...); with
+    pretrained weights a different ``num_classes`` gets a fresh classifier."""
+    kwargs = model_kwargs(name)
+    kwargs.update(overrides)
+    model = ConvMixer(**kwargs)
+    model.pretrained_cfg = VARIANTS[name]
+    if pretrained:
+        from .weights import load_pretrained
+        load_pretrained(model, name if pretrained is True else pretrained, variant=VARIANTS[name])
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(model: ConvMixer, height: int, width: int) -> int:
+    """Multiply-adds x 2 of one forward pass (convolutions and the head; activations not counted)."""
+    h, w = height // model.patch_size, width // model.patch_size
+    dim, k = model.dim, model.kernel_size
+    stem = dim * model.in_chans * model.patch_size ** 2 * h * w
+    per_block = dim * k * k * h * w + dim * dim * h * w
+    head = dim * model.num_classes
+    return 2 * (stem + model.depth * per_block + head)

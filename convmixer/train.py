@@ -1,0 +1,467 @@
+"""Training: one loop, read top to bottom. Works on one CPU/GPU process or many through torchrun.
+
+    torchrun --nproc_per_node=N -m convmixer train --config cifar10_paper
+
+``batch_size`` is the global batch of one optimizer step; each of the world_size x accum_steps
+micro-batches is one equal slice of it, so N processes, or one process accumulating N micro-batches,
+take the same steps (up to floating-point reduction order).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import ConfigError, TrainConfig
+from .data import (STATS, AugmentConfig, ImageData, TransformedImages, batch_mixer, load_dataset,
+                   split_train_val, train_transform)
+from .evaluate import evaluate
+from .model import ConvMixer, create_model, model_kwargs
+from .weights import WeightsError, atomic_write, save_weights
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, a checkpoint for another run, ...)."""
+
+
+# --- small pure policies ----------------------------------------------------------------------
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total_steps``."""
+    t = step / max(total_steps, 1)
+    if cfg.schedule == "onecycle":  # linear 0 -> 1 at peak_at, then linear down to final_lr
+        if t < cfg.peak_at:
+            return t / cfg.peak_at
+        return 1.0 + (cfg.final_lr - 1.0) * (t - cfg.peak_at) / (1.0 - cfg.peak_at)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    return cfg.final_lr + (1.0 - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 where the hardware has it (CPU with AVX512-BF16/AMX, recent GPUs)."""
+    if cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def soft_cross_entropy(logits, target, smoothing: float):
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+    if smoothing:
+        target = target * (1 - smoothing) + smoothing / logits.shape[-1]
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+# --- distributed ------------------------------------------------------------------------------
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise TrainingError(f"{path} holds Python objects beyond tensors and was refused (it could run code)") from None
+        raise TrainingError(f"{path} is truncated or not a convmixer checkpoint ({first}); use an earlier one "
+                            f"(last.pt, best.pt, epoch_*.pt)") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise TrainingError(f"{path} is not a convmixer training checkpoint (for plain weights use eval/predict)")
+    return ckpt
+
+
+# --- the run ------------------------------------------------------------------------------------
+def _log0(rank: int, *args):
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[ImageData, ImageData, dict]:
+    train_all = load_dataset(cfg.dataset, cfg.data_dir, train=True, img_size=cfg.img_size, download=cfg.download,
+                             skip_bad_images=cfg.skip_bad_images)
+    if cfg.val_split > 0:
+        train, val = split_train_val(train_all, cfg.val_split, seed=cfg.seed)
+    else:
+        train = train_all
+        val = load_dataset(cfg.dataset, cfg.data_dir, train=False, img_size=cfg.img_size, download=cfg.download,
+                           skip_bad_images=cfg.skip_bad_images)
+    if cfg.subset:
+        train = train.subset(torch.arange(min(cfg.subset, len(train))))
+    if train.images is not None:
+        native = train.images.shape[-1]
+    else:
+        native = cfg.img_size or 224
+    img_size = cfg.img_size or native
+    mean, std = STATS[cfg.dataset]
+    if train.channels == 1 and len(mean) == 3:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    info = dict(img_size=img_size, mean=list(mean), std=list(std), classes=train_all.classes,
+                in_chans=train.channels, dataset=cfg.dataset)
+    return train, val, info
+
+
+def epoch_batches(n: int, cfg: TrainConfig, epoch: int, world: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches for one epoch: a seeded shuffle cut into global batches (the
+    incomplete last one dropped), each cut into world x accum equal micro-batches; process r takes
+    micro-batches r*accum ... r*accum + accum - 1 of every global batch."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    micro = cfg.batch_size // (world * cfg.accum_steps)
+    out = []
+    for start in range(0, n - cfg.batch_size + 1, cfg.batch_size):
+        batch = perm[start:start + cfg.batch_size]
+        for a in range(cfg.accum_steps):
+            chunk = (rank * cfg.accum_steps + a) * micro
+            out.append(batch[chunk:chunk + micro])
+    return out
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
+    """Run a training job; returns the final summary (also written to <out>/summary.json)."""
+    rank, world, device = setup_distributed()
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split into {world} process(es) x "
+                          f"{cfg.accum_steps} accumulation step(s): pick a multiple of {world * cfg.accum_steps}")
+    out = Path(cfg.out)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        saved_cfg = ckpt.get("config", {})
+        if saved_cfg.get("model") != cfg.model or ckpt["model_args"] != _model_args(cfg, ckpt["model_args"]):
+            raise TrainingError(f"{resume} was trained with another model ({saved_cfg.get('model')}); resume with "
+                                f"the run's own config: --config {out / 'config.yaml'}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    train_data, val_data, info = prepare_data(cfg)
+    num_classes = len(info["classes"])
+    if len(train_data) < cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images: "
+                          f"lower batch_size")
+    margs = dict(model_kwargs(cfg.model), num_classes=num_classes, in_chans=info["in_chans"], **cfg.model_overrides())
+    if margs["patch_size"] > info["img_size"]:
+        raise ConfigError(f"patch_size {margs['patch_size']} is larger than the {info['img_size']} px images")
+    model = ConvMixer(**margs)
+    if cfg.pretrained and ckpt is None:
+        from .weights import load_weights
+        load_weights(model, cfg.pretrained, strict=False)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model
+    dtype = amp_dtype(cfg, device)
+    ema = None
+    if cfg.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    decay, no_decay = [], []
+    for name, p in raw_model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.opt_eps,
+                                  foreach=True)
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    aug = AugmentConfig(img_size=info["img_size"], scale_min=cfg.scale_min, hflip=cfg.hflip,
+                        randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
+                        color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing, mixup=cfg.mixup,
+                        cutmix=cfg.cutmix, crop_pct=cfg.crop_pct)
+    train_set = TransformedImages(train_data, train_transform(aug, info["mean"], info["std"]), cfg.skip_bad_images)
+    mixer = batch_mixer(aug, num_classes)
+
+    start_epoch, start_batch, global_step, best = 0, 0, 0, {"val_top1": -1.0, "epoch": -1}
+    partial = {}
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        start_epoch, start_batch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        global_step, best, partial = ckpt["step"], ckpt["best"], ckpt.get("partial", {})
+        _set_rng_state(ckpt["rng"])
+        _log0(rank, f"resumed from {resume}: epoch {start_epoch + 1}, step {global_step}")
+
+    state_meta = dict(model_args=margs, model_name=cfg.model, config=dataclasses.asdict(cfg), **info)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)))
+        _truncate_metrics(out / "metrics.jsonl", start_epoch)
+    writer = None
+    if cfg.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            _log0(rank, "tensorboard is not installed (pip install tensorboard); continuing without it")
+
+    stop = {"signal": None}
+    previous_handlers = {}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    if rank == 0 or world == 1:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous_handlers[sig] = signal.signal(sig, on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def state(epoch, batch_in_epoch, partial_stats):
+        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(), ema=None if ema is None else ema.state_dict(), rng=_rng_state(),
+                    epoch=epoch, batch_in_epoch=batch_in_epoch, step=global_step, best=best, partial=partial_stats,
+                    **state_meta)
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    _log0(rank, f"{cfg.model} ({n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(train_data)} train / "
+                f"{len(val_data)} val images at {info['img_size']}px, {world} process(es) on {device}, "
+                f"amp={dtype}, {cfg.epochs} epochs x {steps_per_epoch} steps")
+    run_start = time.time()
+    summary = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            batches = epoch_batches(len(train_data), cfg, epoch, world, rank)
+            first = start_batch if epoch == start_epoch else 0
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[first * cfg.accum_steps:],
+                                                 num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                                 # its own generator: making the iterator must not draw from
+                                                 # the global RNG, or a resumed epoch would shift it
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            stats = partial if (epoch == start_epoch and partial) else {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+            progress = None
+            if rank == 0 and cfg.progress:
+                from tqdm import tqdm
+                progress = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                unit="step", dynamic_ncols=True, leave=False)
+            tick = time.time()
+            micro_iter = iter(loader)
+            for batch_index in range(first, steps_per_epoch):
+                # ---- one optimizer step: accum_steps micro-batches, then clip, step, schedule
+                for a in range(cfg.accum_steps):
+                    images, labels = next(micro_iter)
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    if cfg.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    images, targets = mixer(images, labels) if mixer else (images, labels)
+                    sync = nullcontext() if (world == 1 or a == cfg.accum_steps - 1) else model.no_sync()
+                    with sync:
+                        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                            logits = step_model(images)
+                            loss = soft_cross_entropy(logits.float(), targets, cfg.label_smoothing)
+                        scaler.scale(loss / cfg.accum_steps).backward()
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise TrainingError(f"loss became {loss_value} at epoch {epoch + 1}, step {global_step + 1}: "
+                                            f"lower lr (now {cfg.lr}), keep clip_grad on, or set amp=off; the last "
+                                            f"good checkpoint {out / 'last.pt'} is untouched")
+                    hard = targets.argmax(-1) if targets.ndim == 2 else targets
+                    stats["loss"] += loss_value * len(labels)
+                    stats["correct"] += (logits.argmax(-1) == hard).sum().item()
+                    stats["seen"] += len(labels)
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(raw_model)
+                global_step += 1
+                # ---- feedback
+                if progress is not None:
+                    elapsed = stats["seconds"] + time.time() - tick
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{stats['loss'] / stats['seen']:.3f}",
+                                         acc=f"{stats['correct'] / stats['seen']:.3f}",
+                                         img_s=f"{stats['seen'] * world / max(elapsed, 1e-9):.0f}",
+                                         lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+                if stop["signal"] is not None and batch_index + 1 < steps_per_epoch:
+                    stats["seconds"] += time.time() - tick
+                    if rank == 0:
+                        save_checkpoint(out / "last.pt", state(epoch, batch_index + 1, stats))
+                    name = signal.Signals(stop["signal"]).name
+                    _log0(rank, f"\n{name}: stopped at epoch {epoch + 1}, step {global_step}; checkpoint written to "
+                                f"{out / 'last.pt'}; continue with --resume {out / 'last.pt'}")
+                    return {"interrupted": True, "step": global_step, "checkpoint": str(out / "last.pt")}
+            if progress is not None:
+                progress.close()
+            del micro_iter, loader
+            seconds = stats["seconds"] + time.time() - tick
+            record = dict(epoch=epoch + 1, step=global_step, lr=scheduler.get_last_lr()[0],
+                          train_loss=stats["loss"] / stats["seen"], train_acc=stats["correct"] / stats["seen"],
+                          epoch_seconds=seconds, images_per_second=stats["seen"] * world / seconds)
+            if world > 1:  # sum the per-process training statistics
+                t = torch.tensor([stats["loss"], stats["correct"], stats["seen"]], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                record.update(train_loss=(t[0] / t[2]).item(), train_acc=(t[1] / t[2]).item())
+            last_epoch = epoch + 1 == cfg.epochs
+            if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
+                eval_start = time.time()
+                result = evaluate(raw_model, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
+                                  amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip)
+                record.update(val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"])
+                if ema is not None:
+                    r = evaluate(ema.module, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
+                                 amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip)
+                    record.update(val_loss_ema=r["loss"], val_top1_ema=r["top1"], val_top5_ema=r["top5"])
+                record["eval_seconds"] = time.time() - eval_start
+                record["elapsed_seconds"] = time.time() - run_start
+                score = max(record["val_top1"], record.get("val_top1_ema", -1))
+                improved = score > best["val_top1"]
+                if improved:
+                    best = {"val_top1": score, "epoch": epoch + 1}
+                _print_epoch(record, epoch == start_epoch)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        writer.add_scalar(k, v, epoch + 1)
+                final_model = ema.module if (ema is not None and record.get("val_top1_ema", -1) >= record["val_top1"]) else raw_model
+                if improved:
+                    _save_weights(final_model, out / "best.safetensors", state_meta, record)
+            if rank == 0:
+                save_checkpoint(out / "last.pt", state(epoch + 1, 0, {}))
+                if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                    save_checkpoint(out / f"epoch_{epoch + 1:04d}.pt", state(epoch + 1, 0, {}))
+            if world > 1:
+                dist.barrier()
+            if stop["signal"] is not None and not last_epoch:
+                _log0(rank, f"{signal.Signals(stop['signal']).name}: stopped after epoch {epoch + 1}; continue with "
+                            f"--resume {out / 'last.pt'}")
+                return {"interrupted": True, "step": global_step, "checkpoint": str(out / "last.pt")}
+        if rank == 0:
+            final = ema.module if ema is not None else raw_model
+            _save_weights(final, out / "model.safetensors", state_meta, {})
+            lines = [json.loads(line) for line in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
+            summary = dict(model=cfg.model, params=n_params, dataset=cfg.dataset, epochs=cfg.epochs,
+                           best_val_top1=best["val_top1"], best_epoch=best["epoch"],
+                           final_val_top1=lines[-1].get("val_top1") if lines else None,
+                           train_seconds=sum(r["epoch_seconds"] + r.get("eval_seconds", 0) for r in lines),
+                           weights=str(out / "model.safetensors"), checkpoint=str(out / "last.pt"))
+            atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+            _log0(rank, f"done: best val top-1 {100 * best['val_top1']:.2f}% (epoch {best['epoch']}), weights in "
+                        f"{out / 'model.safetensors'}")
+        return summary
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        if writer is not None:
+            writer.close()
+
+
+def _model_args(cfg: TrainConfig, saved: dict) -> dict:
+    """The model arguments ``cfg`` would build, completed with what the data decided (classes, channels)."""
+    args = dict(model_kwargs(cfg.model), **cfg.model_overrides())
+    args["num_classes"], args["in_chans"] = saved.get("num_classes"), saved.get("in_chans")
+    return args
+
+
+def _save_weights(model: torch.nn.Module, path: Path, meta: dict, record: dict):
+    metadata = {"model_args": json.dumps(meta["model_args"]), "model_name": meta["model_name"],
+                "classes": json.dumps(meta["classes"]), "mean": json.dumps(meta["mean"]),
+                "std": json.dumps(meta["std"]), "img_size": str(meta["img_size"]), "dataset": meta["dataset"],
+                "metrics": json.dumps(record), "config": json.dumps(meta["config"])}
+    save_weights(model, path, metadata)
+
+
+def _truncate_metrics(path: Path, start_epoch: int):
+    """On resume, drop epoch lines the resumed run will write again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def _print_epoch(record: dict, header: bool):
+    cols = [("epoch", "{:>5d}"), ("lr", "{:>9.2e}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.4f}"),
+            ("val_loss", "{:>8.4f}"), ("val_top1", "{:>8.4f}"), ("epoch_seconds", "{:>13.1f}"),
+            ("images_per_second", "{:>17.1f}")]
+    if header:
+        print("  ".join(f"{name:>{len(fmt.format(0 if 'd' in fmt else 0.0))}}" for name, fmt in cols), flush=True)
+    print("  ".join(fmt.format(record[name]) for name, fmt in cols), flush=True)

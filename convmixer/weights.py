@@ -1,0 +1,179 @@
+"""Reading and writing ConvMixer weights: safetensors, PyTorch files (never unpickling code),
+the official release files and timm state dicts."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+class WeightsError(RuntimeError):
+    """A weights file that cannot be used: missing, corrupt, unsafe or for another model."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result over ``path``: a crash or a full disk
+    leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoint_filter_fn(state_dict: dict) -> dict:
+    """Bring foreign layouts to ours (timm's): unwrap ``{"state_dict": ...}`` / ``{"model": ...}``,
+    strip ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile), and translate the authors'
+    nn.Sequential layout (``0.weight``, ``3.0.fn.0.weight``, ..., ``<depth+5>.weight``)."""
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"^(module\.|_orig_mod\.)+", "", k)
+        out[k] = v
+    if "0.weight" in out and "stem.0.weight" not in out:  # the official repo's nn.Sequential
+        depth = len({int(m.group(1)) for k in out if (m := re.match(r"^(\d+)\.0\.fn", k))})
+        renamed = {}
+        for k, v in out.items():
+            index, rest = k.split(".", 1)
+            index = int(index)
+            if index < 3:
+                renamed[f"stem.{index}.{rest}"] = v
+            elif index < 3 + depth:
+                renamed[f"blocks.{index - 3}.{rest}"] = v
+            else:
+                renamed[f"head.{rest}"] = v
+        out = renamed
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """Tensors from a .safetensors, .pth or .pth.tar file. PyTorch files are read with
+    ``weights_only=True``: a file that tries to run code is refused, not executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise WeightsError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "unpickl" in str(e).lower():
+            raise WeightsError(f"{path} holds Python objects beyond tensors and was refused (loading it could "
+                               f"run code); convert it to safetensors from a trusted copy") from None
+        raise WeightsError(f"{path} is truncated or not a PyTorch weights file ({msg})") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    return obj
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
+    """None if ``state_dict`` fits ``model`` exactly, else a short list of what does not."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
+              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    for label, items in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts)
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, source: str = "weights") -> None:
+    """Load with a message that names what does not match. ``strict=False`` still requires the
+    shapes of the tensors both sides have to agree, and skips a classifier of another size."""
+    state_dict = checkpoint_filter_fn(state_dict)
+    problem = describe_mismatch(model, state_dict)
+    if problem is None:
+        model.load_state_dict(state_dict, strict=True)
+        return
+    if strict:
+        hint = ""
+        if "head." in problem:
+            hint = (" (the classifier differs: pass the checkpoint's --num-classes, or strict=False to "
+                    "fine-tune a new head)")
+        raise WeightsError(f"{source} do not fit this model: {problem}{hint}")
+    own = model.state_dict()
+    fitting = {k: v for k, v in state_dict.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(fitting, strict=False)
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write the model's state dict as safetensors (atomically)."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> torch.nn.Module:
+    """Load a .safetensors / .pth / .pth.tar file into ``model``; returns the model."""
+    load_into(model, read_state_dict(path), strict=strict, source=str(path))
+    return model
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The string metadata stored in a safetensors file (model name and arguments, classes)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def download(url: str, filename: str | None = None) -> Path:
+    """Fetch ``url`` into the torch hub cache once (``$TORCH_HOME/hub/checkpoints``)."""
+    directory = Path(torch.hub.get_dir()) / "checkpoints"
+    target = directory / (filename or url.rsplit("/", 1)[-1])
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"could not download {url} ({reason}); download it elsewhere and pass "
+                           f"pretrained='path/to/{target.name}' (or put it at {target})") from None
+    return target
+
+
+def load_pretrained(model: torch.nn.Module, source, variant=None) -> None:
+    """``source`` is a variant name (download its release file) or a local path."""
+    path = Path(source) if not isinstance(source, str) or os.sep in source or Path(source).suffix else None
+    if path is None:
+        if variant is None or variant.url is None:
+            raise WeightsError(f"no released weights for {source!r}; pass pretrained='path/to/weights'")
+        path = download(variant.url)
+    state_dict = checkpoint_filter_fn(read_state_dict(path))
+    head_rows = state_dict.get("head.weight")
+    if head_rows is not None and getattr(model, "num_classes", None) not in (None, head_rows.shape[0]):
+        load_into(model, state_dict, strict=False, source=str(path))  # new classifier for fine-tuning
+    else:
+        load_into(model, state_dict, strict=True, source=str(path))

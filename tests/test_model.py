@@ -1,0 +1,194 @@
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import convmixer
+from convmixer import ConvMixer, create_model
+from convmixer.model import flops_per_image
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g) * 0.2 + 1)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("size", [32, 33, 47, 64])
+def test_output_shapes(size):
+    model = ConvMixer(dim=32, depth=2, kernel_size=5, patch_size=4, num_classes=7).eval()
+    x = torch.randn(2, 3, size, size)
+    assert model(x).shape == (2, 7)
+    assert model.forward_features(x).shape == (2, 32, size // 4, size // 4)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 32)
+
+
+def test_rectangular_input_and_channels():
+    model = ConvMixer(dim=16, depth=1, kernel_size=3, patch_size=2, in_chans=1, num_classes=3).eval()
+    assert model(torch.randn(1, 1, 20, 37)).shape == (1, 3)
+
+
+def test_feature_extractor_and_reset_classifier():
+    model = ConvMixer(dim=24, depth=2, kernel_size=3, patch_size=2, num_classes=0).eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 24)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    model.reset_classifier(5)
+    assert model.get_classifier().out_features == 5
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_forward_intermediates():
+    model = ConvMixer(dim=16, depth=3, kernel_size=3, patch_size=2, num_classes=4).eval()
+    x = torch.randn(1, 3, 16, 16)
+    final, maps = model.forward_intermediates(x)
+    assert len(maps) == 4 and all(m.shape == (1, 16, 8, 8) for m in maps)
+    torch.testing.assert_close(final, model.forward_features(x))
+    _, some = model.forward_intermediates(x, indices=[0, 3])
+    torch.testing.assert_close(some[1], maps[3])
+
+
+def test_bad_input_messages():
+    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=7, num_classes=2)
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        model(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        model(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="depth"):
+        ConvMixer(dim=8, depth=0)
+    with pytest.raises(ValueError, match="did you mean 'convmixer_1536_20'"):
+        create_model("convmixer_1536_2")
+
+
+@pytest.mark.parametrize("name,count", [
+    ("convmixer_1536_20", 51_625_960), ("convmixer_768_32", 21_110_248),
+    ("convmixer_1024_20_ks9_p14", 24_383_464), ("convmixer_256_8_ks9_p1", 706_570)])
+def test_published_parameter_counts(name, count):
+    assert convmixer.count_parameters(create_model(name)) == count
+
+
+def test_variant_hyperparameters():
+    m = create_model("convmixer_768_32")
+    assert isinstance(m.stem[1], torch.nn.ReLU) and m.kernel_size == 7 and m.patch_size == 7
+    m = create_model("convmixer_256_8")
+    assert (m.dim, m.depth, m.kernel_size, m.patch_size, m.num_classes) == (256, 8, 5, 2, 10)
+    assert create_model("convmixer_256_8", num_classes=100).num_classes == 100
+    assert "convmixer_1536_20" in convmixer.list_models()
+
+
+@pytest.mark.parametrize("act,timm_act", [("gelu", torch.nn.GELU), ("relu", torch.nn.ReLU)])
+def test_timm_parity(act, timm_act):
+    timm_convmixer = pytest.importorskip("timm.models.convmixer")
+    torch.manual_seed(0)
+    reference = randomize_bn(timm_convmixer.ConvMixer(dim=48, depth=3, kernel_size=7, patch_size=3, num_classes=11,
+                                                      act_layer=timm_act)).eval()
+    ours = ConvMixer(dim=48, depth=3, kernel_size=7, patch_size=3, num_classes=11, act_layer=act).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(4, 3, 50, 50)
+    with torch.no_grad():
+        diff = (ours(x) - reference(x)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_timm_parity_named_variant():
+    timm = pytest.importorskip("timm")
+    reference = randomize_bn(timm.create_model("convmixer_768_32", pretrained=False)).eval()
+    ours = create_model("convmixer_768_32").eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - reference(x)).abs().max().item() < 1e-5
+
+
+def test_fast_depthwise_matches_plain_autograd():
+    torch.manual_seed(0)
+    fast = randomize_bn(ConvMixer(dim=32, depth=2, kernel_size=5, patch_size=2, num_classes=5))
+    plain = ConvMixer(dim=32, depth=2, kernel_size=5, patch_size=2, num_classes=5, fast=False)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    for model in (fast, plain):
+        model(x).square().sum().backward()
+    assert (fast(x) - plain(x)).abs().max() < 1e-5
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fast_depthwise_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = ConvMixer(dim=32, depth=2, kernel_size=5, patch_size=2, num_classes=5)
+    x = torch.randn(8, 3, 16, 16)
+    model(x).square().sum().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x).float().square().sum().backward()
+    for r, p in zip(reference, model.parameters()):
+        assert p.grad.dtype == torch.float32
+        assert (p.grad - r).norm() / r.norm() < 0.1
+
+
+def test_grad_checkpointing_identical():
+    torch.manual_seed(0)
+    a = ConvMixer(dim=16, depth=3, kernel_size=3, patch_size=2, num_classes=4)
+    b = ConvMixer(dim=16, depth=3, kernel_size=3, patch_size=2, num_classes=4)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 16, 16)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    for (name, s), t in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(s, t, rtol=0, atol=0, msg=name)  # BN statistics updated once
+
+
+def test_channels_last_same_output():
+    model = randomize_bn(ConvMixer(dim=32, depth=2, kernel_size=5, patch_size=2, num_classes=5)).eval()
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        y1 = model(x)
+        y2 = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_runs():
+    model = ConvMixer(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3)
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 8, 8)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torchscript_and_export():
+    model = randomize_bn(ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), expected)
+    exported = torch.export.export(model.set_fast(False), (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_flops_count():
+    model = create_model("convmixer_256_8")
+    assert abs(flops_per_image(model, 32, 32) / 1e9 - 0.296) < 0.01
+
+
+@settings(max_examples=15, deadline=None)
+@given(dim=st.integers(1, 12), depth=st.integers(1, 3), k=st.sampled_from([1, 2, 3, 4, 5, 7]),
+       p=st.integers(1, 5), h=st.integers(5, 24), w=st.integers(5, 24), classes=st.integers(0, 4))
+def test_property_shapes_and_fast_equals_plain(dim, depth, k, p, h, w, classes):
+    model = ConvMixer(dim=dim, depth=depth, kernel_size=k, patch_size=p, num_classes=classes)
+    plain = ConvMixer(dim=dim, depth=depth, kernel_size=k, patch_size=p, num_classes=classes, fast=False)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, h, w)
+    y = model(x)
+    assert y.shape == ((2, classes) if classes else (2, dim))
+    assert model.forward_features(x).shape == (2, dim, h // p, w // p)
+    torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-5)

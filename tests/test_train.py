@@ -1,0 +1,183 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from convmixer.cli import main
+from convmixer.config import ConfigError, TrainConfig, make_config
+from convmixer.train import TrainingError, epoch_batches, lr_factor, train
+
+TINY = dict(dim=32, depth=2, kernel_size=3, patch_size=2, batch_size=32, randaugment_n=0, hflip=0, progress=False,
+            clip_grad=1.0)
+
+
+def tiny_config(tmp_path, data_dir, **kw):
+    values = dict(TINY, dataset="fashion_mnist", data_dir=str(data_dir), val_split=0, epochs=3, lr=0.01,
+                  out=str(tmp_path / "run"), download=False)
+    values.update(kw)
+    return make_config(None, values)
+
+
+def test_schedules_at_known_steps():
+    cfg = TrainConfig(schedule="onecycle", peak_at=0.4, final_lr=0.0)
+    assert lr_factor(0, 100, cfg, 10) == 0.0
+    assert lr_factor(40, 100, cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(20, 100, cfg, 10) == pytest.approx(0.5)
+    assert lr_factor(70, 100, cfg, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, cfg, 10) == pytest.approx(0.0)
+    cos = TrainConfig(schedule="cosine", warmup_epochs=1, final_lr=0.0)
+    assert lr_factor(4, 100, cos, 10) == pytest.approx(0.5)
+    assert lr_factor(10, 100, cos, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, cos, 10) == pytest.approx(0.5)
+
+
+def test_epoch_batches_shard_the_global_batch():
+    cfg = TrainConfig(batch_size=8, accum_steps=2, seed=1)
+    single = epoch_batches(35, cfg, 0, world=1, rank=0)
+    r0 = epoch_batches(35, TrainConfig(batch_size=8, accum_steps=1, seed=1), 0, world=2, rank=0)
+    r1 = epoch_batches(35, TrainConfig(batch_size=8, accum_steps=1, seed=1), 0, world=2, rank=1)
+    assert len(single) == 8 and all(len(b) == 4 for b in single)  # 4 global batches (last 3 images dropped)
+    assert single[0::2] == r0 and single[1::2] == r1
+
+
+def test_training_learns_and_writes_outputs(tmp_path, fashion_dir):
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=4, lr=0.01))
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    for key in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "epoch_seconds",
+                "images_per_second"):
+        assert key in records[0]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["val_top1"] > 0.5  # 10 trivially separable classes, chance is 0.1
+    assert (out / "config.yaml").is_file() and (out / "model.safetensors").is_file()
+    assert summary["best_val_top1"] == max(r["val_top1"] for r in records)
+
+
+def test_sigint_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir):
+    """A real SIGINT to a real training process: it checkpoints and exits 0; --resume then ends
+    with weights bitwise equal to an uninterrupted run (deterministic CPU, fp32)."""
+    import signal
+    import time
+    args = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0",
+            "--epochs", "6", "--batch-size", "32", "--dim", "16", "--depth", "2", "--kernel-size", "3",
+            "--patch-size", "2", "--randaugment-n", "1", "--amp", "off", "--deterministic", "true",
+            "--progress", "false", "--lr", "0.01"]
+    full = _run_cli(args + ["--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "convmixer", *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGINT" in stdout and "--resume" in stdout
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] < 6 * (600 // 32)  # it really stopped early
+    resumed = _run_cli(args + ["--out", str(out)] + ["--resume", str(out / "last.pt")])
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(out / "last.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        make_config(None, {"epoch": 3})
+    with pytest.raises(ConfigError, match="not a valid int"):
+        make_config(None, {"epochs": "many"})
+    with pytest.raises(ConfigError, match="lr must"):
+        make_config(None, {"lr": -1})
+    with pytest.raises(ConfigError, match="depth must"):
+        make_config(None, {"depth": 0})
+    with pytest.raises(ConfigError, match="patch_size 8 is larger than img_size 4"):
+        make_config(None, {"patch_size": 8, "img_size": 4})
+    with pytest.raises(ConfigError, match="shipped configs"):
+        make_config("no_such_config", {})
+    for name in ("cifar10_script", "cifar10_paper", "fashion_mnist", "imagenet_1536_20", "imagenet_768_32",
+                 "imagenet_1024_20_p14"):
+        make_config(name, {})
+
+
+def test_batch_larger_than_data(tmp_path, fashion_dir):
+    with pytest.raises(ConfigError, match="larger than the 600"):
+        train(tiny_config(tmp_path, fashion_dir, batch_size=1024))
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, fashion_dir):
+    train(tiny_config(tmp_path, fashion_dir, epochs=1))
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(TrainingError, match="loss became nan.*step"):
+        train(tiny_config(tmp_path, fashion_dir, epochs=2, lr=1e30, clip_grad=0, amp="off"))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == good
+
+
+def test_cli_train_eval_predict(tmp_path, fashion_dir, folder_dir, capsys):
+    out = tmp_path / "cli"
+    code = main(["train", "--dataset", "imagefolder", "--data-dir", str(folder_dir), "--img-size", "32",
+                 "--val-split", "0", "--epochs", "2", "--batch-size", "32", "--dim", "16", "--depth", "2",
+                 "--kernel-size", "3", "--patch-size", "4", "--randaugment-n", "1", "--progress", "false",
+                 "--out", str(out), "lr=0.01"])
+    assert code == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.safetensors"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 80 and 0 <= result["top1"] <= 1 and result["top5"] >= result["top1"]
+    assert main(["eval", "--checkpoint", str(out / "last.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "per-class accuracy" in text and "confusion matrix" in text
+    # predict: any size and mode
+    Image.new("RGBA", (50, 20), (255, 0, 0, 128)).save(tmp_path / "a.png")
+    Image.new("L", (7, 9)).save(tmp_path / "b.jpg")
+    assert main(["predict", "--checkpoint", str(out / "model.safetensors"), "--json", "--top-k", "2",
+                 str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 2 and len(preds[0]["top"]) == 2
+    assert abs(sum(t["probability"] for t in preds[0]["top"])) <= 1.0001
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "epochs=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs must be at least 1" in err and "Traceback" not in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def _run_cli(args, **env):
+    return subprocess.run([sys.executable, "-m", "convmixer", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_ddp_two_processes_match_single_process_accumulation(tmp_path, fashion_dir):
+    """torchrun with 2 CPU processes (gloo) == 1 process accumulating 2 micro-batches, same global batch."""
+    common = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0",
+              "--epochs", "2", "--batch-size", "64", "--dim", "16", "--depth", "2", "--kernel-size", "3",
+              "--patch-size", "2", "--randaugment-n", "0", "--hflip", "0", "--amp", "off", "--progress", "false",
+              "--lr", "0.01"]
+    single = _run_cli(common + ["--accum-steps", "2", "--out", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "convmixer", *common, "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        if a[k].is_floating_point() and "running" not in k:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

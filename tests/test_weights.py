@@ -1,0 +1,133 @@
+import functools
+import http.server
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import convmixer
+from convmixer import ConvMixer, WeightsError, create_model
+from convmixer.weights import checkpoint_filter_fn, load_weights, save_weights
+
+
+def small(**kw):
+    return ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=kw.pop("num_classes", 4), **kw)
+
+
+def test_safetensors_roundtrip(tmp_path):
+    a, b = small(), small()
+    save_weights(a, tmp_path / "w.safetensors")
+    load_weights(b, tmp_path / "w.safetensors")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_official_release_formats(tmp_path):
+    model = small()
+    state = model.state_dict()
+    # timm train.py checkpoint: {"state_dict": ...} with DDP prefixes, saved as .pth.tar
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}, tmp_path / "a.pth.tar")
+    # the authors' nn.Sequential layout: 0..2 stem, 3..3+depth-1 blocks, head at depth + 5
+    seq = {}
+    for k, v in state.items():
+        head, rest = k.split(".", 1)
+        if head == "stem":
+            seq[k[len("stem."):]] = v
+        elif head == "blocks":
+            i, rest2 = rest.split(".", 1)
+            seq[f"{int(i) + 3}.{rest2}"] = v
+        else:
+            seq[f"{2 + 3 + 2}.{rest}"] = v
+    torch.save(seq, tmp_path / "b.pth")
+    for f in ("a.pth.tar", "b.pth"):
+        fresh = small()
+        load_weights(fresh, tmp_path / f)
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, state[k]), (f, k)
+
+
+def test_pretrained_local_file_and_new_head(tmp_path):
+    source = create_model("convmixer_256_8", dim=16, depth=2)
+    save_weights(source, tmp_path / "w.safetensors")
+    same = create_model("convmixer_256_8", dim=16, depth=2, pretrained=str(tmp_path / "w.safetensors"))
+    assert torch.equal(same.head.weight, source.head.weight)
+    finetune = create_model("convmixer_256_8", dim=16, depth=2, num_classes=3, pretrained=str(tmp_path / "w.safetensors"))
+    assert torch.equal(finetune.stem[0].weight, source.stem[0].weight) and finetune.head.out_features == 3
+
+
+def test_mismatch_names_tensors_and_hint(tmp_path):
+    save_weights(small(num_classes=4), tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"head\.weight.*num-classes"):
+        load_weights(small(num_classes=7), tmp_path / "w.safetensors")
+    load_weights(small(num_classes=7), tmp_path / "w.safetensors", strict=False)  # fine-tuning a new head
+    with pytest.raises(WeightsError, match="missing"):
+        load_weights(ConvMixer(dim=16, depth=3, kernel_size=3, patch_size=2, num_classes=4), tmp_path / "w.safetensors")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pth", "wb") as f:
+        pickle.dump({"stem.0.weight": Evil()}, f)
+    with pytest.raises(WeightsError, match="refused"):
+        load_weights(small(), "evil.pth")
+    assert not Path("pwned").exists()
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    save_weights(small(), tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="not a readable safetensors"):
+        load_weights(small(), tmp_path / "t.safetensors")
+    torch.save(small().state_dict(), tmp_path / "w.pth")
+    (tmp_path / "t.pth").write_bytes((tmp_path / "w.pth").read_bytes()[:300])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_weights(small(), tmp_path / "t.pth")
+    with pytest.raises(WeightsError, match="not found"):
+        load_weights(small(), tmp_path / "nope.pth")
+
+
+def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
+    """The real download path (torch.hub into TORCH_HOME), served from a local HTTP server."""
+    served = tmp_path / "served"
+    served.mkdir()
+    reference = create_model("convmixer_256_8")
+    torch.save({"state_dict": reference.state_dict()}, served / "release.pth.tar")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        variant = convmixer.VARIANTS["convmixer_256_8"]
+        import dataclasses
+        monkeypatch.setitem(convmixer.VARIANTS, "convmixer_256_8",
+                            dataclasses.replace(variant, url=f"http://127.0.0.1:{server.server_port}/release.pth.tar"))
+        model = create_model("convmixer_256_8", pretrained=True)
+        assert torch.equal(model.head.weight, reference.head.weight)
+        assert (Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "release.pth.tar").is_file()
+    finally:
+        server.shutdown()
+
+
+def test_pretrained_offline_is_one_clear_line(monkeypatch):
+    import dataclasses
+    variant = convmixer.VARIANTS["convmixer_1536_20"]
+    monkeypatch.setitem(convmixer.VARIANTS, "convmixer_1536_20",
+                        dataclasses.replace(variant, url="http://127.0.0.1:9/convmixer_1536_20_ks9_p7.pth.tar"))
+    with pytest.raises(WeightsError) as info:
+        create_model("convmixer_1536_20", pretrained=True)
+    message = str(info.value)
+    assert "could not download" in message and "pretrained='path/to/" in message and "\n" not in message
+
+
+def test_release_urls_are_the_official_ones():
+    assert convmixer.VARIANTS["convmixer_1536_20"].url == \
+        "https://github.com/tmp-iclr/convmixer/releases/download/v1.0/convmixer_1536_20_ks9_p7.pth.tar"
+    assert checkpoint_filter_fn({"model": {"_orig_mod.head.bias": 1}}) == {"head.bias": 1}
