@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
+    args.argv_echo = argv[1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -247,6 +248,12 @@ def main(argv=None) -> int:
         print(f"convmixer {args.command}: error: {e}", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"convmixer {args.command}: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("(run with --debug for the full traceback; please report it)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"convmixer {args.command}: interrupted", file=sys.stderr)
         return 130

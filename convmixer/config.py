@@ -32,7 +32,7 @@ class TrainConfig:
     data_dir: str = "data"
     val_split: float = 5000              # images (or fraction if < 1) carved from train; 0 = use the test split
     img_size: int | None = None          # default: the data set's own size
-    subset: int = 0                      # train on the first N training images only (quick runs); 0 = all
+    subset: int = 0                      # train on a seeded random N of the training images (quick runs); 0 = all
     download: bool = True
     skip_bad_images: bool = False
     workers: int = 0                     # DataLoader worker processes (0 = in the training process)

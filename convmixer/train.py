@@ -148,7 +148,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageData, ImageData, dict]:
         val = load_dataset(cfg.dataset, cfg.data_dir, train=False, img_size=cfg.img_size, download=cfg.download,
                            skip_bad_images=cfg.skip_bad_images)
     if cfg.subset:
-        train = train.subset(torch.arange(min(cfg.subset, len(train))))
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.subset]
+        train = train.subset(pick.sort().values)  # a seeded random subset: every class, not the first folders
     if train.images is not None:
         native = train.images.shape[-1]
     else:

@@ -181,3 +181,47 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path, fashion_d
     for k in a:
         if a[k].is_floating_point() and "running" not in k:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_viz_writes_pngs(tmp_path, fashion_dir, capsys):
+    train(tiny_config(tmp_path, fashion_dir, epochs=2))
+    run = tmp_path / "run"
+    assert main(["viz", "--checkpoint", str(run / "model.safetensors"), "--out", str(tmp_path / "viz"),
+                 "--layers", "1,2", "--confusion", "--runs", str(run), str(run)]) == 0
+    for name in ("patch_filters.png", "depthwise_kernels.png", "curves.png", "confusion.png"):
+        data = (tmp_path / "viz" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    assert main(["viz", "--checkpoint", str(run / "model.safetensors"), "--out", str(tmp_path / "v2"),
+                 "--layers", "9"]) == 2
+
+
+def test_ablate_grid_is_resumable(tmp_path, fashion_dir, capsys):
+    from convmixer.ablate import parse_grid, run_grid
+    grid = parse_grid(["kernel_size=3,5", "residual"])
+    assert grid == {"kernel_size": [3, 5], "residual": [True, False]}
+    fixed = {k: str(v) for k, v in dict(TINY, dataset="fashion_mnist", data_dir=str(fashion_dir), download=False,
+                                        lr=0.01).items()}
+    fixed.update(subset="300", val_split="100", epochs="1")
+    results = run_grid(None, grid, tmp_path / "abl", fixed, full=True)
+    assert len(results) == 4 and all(0 <= r["val_top1"] <= 1 for r in results)
+    table = (tmp_path / "abl" / "results.md").read_text()
+    assert "kernel_size=5 residual=False" in table.replace(",", " ") or "| 5 | False |" in table
+    assert (tmp_path / "abl" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    again = run_grid(None, grid, tmp_path / "abl", fixed, full=True)  # nothing retrained
+    assert "done before" in capsys.readouterr().out
+    assert [r["val_top1"] for r in again] == [r["val_top1"] for r in results]
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torchscript", "pt"), ("safetensors", "safetensors")])
+def test_export(tmp_path, fashion_dir, fmt, suffix, capsys):
+    pytest.importorskip("onnxruntime") if fmt == "onnx" else None
+    train(tiny_config(tmp_path, fashion_dir, epochs=1))
+    target = tmp_path / f"model.{suffix}"
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--format", fmt,
+                 "--out", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert target.is_file() and "wrote" in out
+    if fmt != "safetensors":
+        diff = float(out.rsplit("test batch: ", 1)[1].rstrip(")\n"))
+        assert diff < 1e-4

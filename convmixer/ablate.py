@@ -1,0 +1,144 @@
+"""``convmixer ablate``: a grid of short trainings over config keys (the paper's ablations: kernel
+size, patch size, residual connections, normalisation, activation, each augmentation), resumable,
+summarised as a Markdown table and a bar chart."""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+from .config import ConfigError, check_key, coerce, make_config
+
+# A reduced budget by default, so that a grid of a dozen cells fits in about an hour on 2 CPU cores.
+REDUCED = {"subset": 10000, "epochs": 3, "val_split": 2000, "eval_every": 100}
+# Named switches for the paper's ablations, usable as --grid entries (e.g. --grid no_residual).
+SWITCHES = {
+    "residual": ("residual", ["true", "false"]),
+    "norm": ("norm", ["batchnorm", "layernorm"]),
+    "activation": ("activation", ["gelu", "relu"]),
+    "randaugment": ("randaugment_n", ["2", "0"]),
+    "mixup": ("mixup", ["0.5", "0"]),
+    "cutmix": ("cutmix", ["0.5", "0"]),
+    "random_erasing": ("random_erasing", ["0.25", "0"]),
+}
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``key=v1,v2,...`` entries (or a switch name from SWITCHES) into {key: [values]}."""
+    grid = {}
+    for item in items:
+        if "=" not in item:
+            if item not in SWITCHES:
+                raise ConfigError(f"grid entry {item!r} must be key=v1,v2 or one of {', '.join(SWITCHES)}")
+            key, values = SWITCHES[item]
+        else:
+            key, raw = item.split("=", 1)
+            values = [v for v in raw.split(",") if v != ""]
+        key = check_key(key)
+        if not values:
+            raise ConfigError(f"grid entry {item!r} has no values")
+        grid[key] = [coerce(key, v) for v in values]
+    if not grid:
+        raise ConfigError("give at least one --grid entry, e.g. --grid kernel_size=3,5,7,9 patch_size=1,2")
+    return grid
+
+
+def cell_name(cell: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in cell.items())
+
+
+def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | None = None,
+             full: bool = False) -> list[dict]:
+    from .train import train
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    budget = {} if full else dict(REDUCED)
+    overrides = dict(overrides or {})
+    results = []
+    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    for i, cell in enumerate(cells, 1):
+        name = cell_name(cell)
+        cell_dir = out / "cells" / name.replace("/", "_")
+        settings = {**budget, **overrides, **cell, "out": str(cell_dir), "progress": False}
+        command = "convmixer train" + (f" --config {base}" if base else "") + "".join(
+            f" {k}={v}" for k, v in settings.items())
+        record_path = cell_dir / "cell.json"
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            print(f"[{i}/{len(cells)}] {name}: done before ({100 * record['val_top1']:.2f}%)")
+            results.append(record)
+            continue
+        cfg = make_config(base, {k: str(v) for k, v in settings.items()})
+        resume = cell_dir / "last.pt" if (cell_dir / "last.pt").is_file() else None
+        print(f"[{i}/{len(cells)}] {name}" + (" (resuming)" if resume else ""), flush=True)
+        start = time.time()
+        summary = train(cfg, resume=resume)
+        if summary.get("interrupted"):
+            print("interrupted: run the same command again to continue")
+            break
+        metrics = [json.loads(x) for x in (cell_dir / "metrics.jsonl").read_text().splitlines()]
+        record = dict(cell=cell, name=name, val_top1=summary["final_val_top1"], best_val_top1=summary["best_val_top1"],
+                      params=summary["params"], seconds=time.time() - start,
+                      images_per_second=sum(m["images_per_second"] for m in metrics) / len(metrics),
+                      epochs=cfg.epochs, command=command)
+        record_path.write_text(json.dumps(record, indent=2))
+        results.append(record)
+    if results:
+        write_report(results, out, grid)
+    return results
+
+
+def write_report(results: list[dict], out: Path, grid: dict):
+    keys = list(grid)
+    lines = ["| " + " | ".join(keys) + " | val top-1 (%) | params | img/s | minutes |",
+             "|" + " --- |" * (len(keys) + 4)]
+    for r in results:
+        lines.append("| " + " | ".join(str(r["cell"][k]) for k in keys) +
+                     f" | {100 * r['val_top1']:.2f} | {r['params'] / 1e6:.3f}M | {r['images_per_second']:.0f} | "
+                     f"{r['seconds'] / 60:.1f} |")
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(results) + 2), 4.5))
+    names = [r["name"].replace(",", "\n") for r in results]
+    values = [100 * r["val_top1"] for r in results]
+    bars = ax.bar(range(len(results)), values, color="tab:blue")
+    for bar, v, r in zip(bars, values, results):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}\n{r['images_per_second']:.0f}/s", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_xticks(range(len(results)), names, fontsize=7)
+    low = min(values)
+    ax.set_ylim(max(0, low - 10), min(100, max(values) + 5))
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("ablation (bar labels: top-1 %, training img/s)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def cmd_ablate(args):
+    from .config import parse_overrides
+    grid = parse_grid(args.grid)
+    results = run_grid(args.config, grid, args.out, parse_overrides(args.set or []), full=args.full)
+    print((Path(args.out) / "results.md").read_text() if results else "no cell finished")
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("ablate", help="a resumable grid of short trainings; Markdown table + bar chart",
+                       description="Train one model per combination of the --grid values. Reduced budget by "
+                                   f"default ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}); --full uses "
+                                   "the config's own. Finished cells are not rerun. Switches for the paper's "
+                                   f"ablations: {', '.join(SWITCHES)} (e.g. --grid residual norm).")
+    p.add_argument("--config", default=None, help="base config (file or shipped name)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="e.g. kernel_size=3,5,7,9 patch_size=1,2,4, or a switch name")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="fixed overrides for every cell")
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--full", action="store_true", help="the config's full budget instead of the reduced one")
+    p.set_defaults(func=cmd_ablate)

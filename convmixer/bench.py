@@ -1,0 +1,232 @@
+"""``convmixer bench``: training and inference throughput of this project's default path against
+timm's ConvMixer (eager fp32, as users run it) and a plain PyTorch reference (the authors' nn.Sequential
+ConvMixer), interleaved in one process on the same machine, medians after warm-up, with achieved
+GFLOP/s against a matmul peak measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from .fastops import set_allocator_tuned, tune_allocator
+from .model import VARIANTS, ConvMixer, create_model, flops_per_image
+
+
+def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):
+    """The authors' published definition, verbatim in structure (nn.Sequential, plain nn.Conv2d)."""
+    class Residual(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x):
+            return self.fn(x) + x
+    return nn.Sequential(
+        nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size), act(), nn.BatchNorm2d(dim),
+        *[nn.Sequential(Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"), act(),
+                                               nn.BatchNorm2d(dim))),
+                        nn.Conv2d(dim, dim, kernel_size=1), act(), nn.BatchNorm2d(dim)) for _ in range(depth)],
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, num_classes))
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Achievable GFLOP/s of a large square matmul on this machine now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+class Candidate:
+    """One way of running the model: how it is built, its dtype, layout and allocator setting."""
+
+    def __init__(self, name, build, amp=None, channels_last=False, allocator=False, compile=False):
+        self.name, self.build, self.amp, self.channels_last = name, build, amp, channels_last
+        self.allocator, self.compile = allocator, compile
+        self.train_times, self.infer_times, self.latency_times = [], [], []
+
+    def prepare(self, device):
+        torch.manual_seed(0)
+        self.model = self.build().to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=True)
+        self.eval_model = self.model
+        if self.compile:
+            self.eval_model = torch.compile(self.model)
+
+    def _input(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def _autocast(self, device):
+        return torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def train_step(self, x, y, device):
+        set_allocator_tuned(self.allocator)
+        self.model.train()
+        x = self._input(x)
+        t = time.perf_counter()
+        with self._autocast(device):
+            loss = nn.functional.cross_entropy(self.model(x).float(), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t
+
+    @torch.no_grad()
+    def infer(self, x, device):
+        set_allocator_tuned(self.allocator)
+        self.model.eval()
+        x = self._input(x)
+        t = time.perf_counter()
+        with self._autocast(device):
+            self.eval_model(x)
+        _sync(device)
+        return time.perf_counter() - t
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def candidates(model_name: str, device: torch.device, include_timm: bool = True) -> list[Candidate]:
+    from .train import amp_dtype
+    from .config import TrainConfig
+    v = VARIANTS[model_name]
+    kwargs = dict(dim=v.dim, depth=v.depth, kernel_size=v.kernel_size, patch_size=v.patch_size,
+                  num_classes=v.num_classes)
+    act = nn.ReLU if v.act_layer == "relu" else nn.GELU
+    fast_dtype = amp_dtype(TrainConfig(), device)
+    out = [Candidate("convmixer (default)", lambda: create_model(model_name), amp=fast_dtype, channels_last=True,
+                     allocator=True)]
+    if include_timm:
+        try:
+            from timm.models.convmixer import ConvMixer as TimmConvMixer
+            out.append(Candidate("timm eager fp32", lambda: TimmConvMixer(**kwargs, act_layer=act)))
+        except ImportError:
+            pass
+    out.append(Candidate("plain PyTorch fp32", lambda: reference_convmixer(**kwargs, act=act)))
+    return out
+
+
+def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, infer_batch_size=256,
+                  steps=10, warmup=3, device=None, include_timm=True, extra=()) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    img_size = img_size or VARIANTS[model_name].input_size
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cands = candidates(model_name, device, include_timm) + list(extra)
+    for c in cands:
+        c.prepare(device)
+    g = torch.Generator().manual_seed(0)
+    num_classes = VARIANTS[model_name].num_classes
+    x_train = torch.randn(batch_size, 3, img_size, img_size, generator=g).to(device)
+    y_train = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+    x_infer = torch.randn(infer_batch_size, 3, img_size, img_size, generator=g).to(device)
+    x_one = x_infer[:1]
+    for _ in range(warmup):
+        for c in cands:
+            c.train_step(x_train, y_train, device)
+            c.infer(x_infer, device)
+            c.infer(x_one, device)
+    for _ in range(steps):  # interleaved: each candidate sees the same machine state
+        for c in cands:
+            c.train_times.append(c.train_step(x_train, y_train, device))
+            c.infer_times.append(c.infer(x_infer, device))
+            c.latency_times.append(c.infer(x_one, device))
+    set_allocator_tuned(True)
+    flop = flops_per_image(create_model(model_name), img_size, img_size)
+    peaks = {}
+    if device.type == "cpu":
+        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows = []
+    for c in cands:
+        train_s, infer_s = statistics.median(c.train_times), statistics.median(c.infer_times)
+        row = dict(name=c.name, amp=str(c.amp).replace("torch.", "") if c.amp else "fp32",
+                   channels_last=c.channels_last, allocator_tuned=c.allocator,
+                   train_images_per_second=batch_size / train_s,
+                   infer_images_per_second=infer_batch_size / infer_s,
+                   latency_ms=1e3 * statistics.median(c.latency_times),
+                   train_gflops=3 * flop * batch_size / train_s / 1e9,
+                   infer_gflops=flop * infer_batch_size / infer_s / 1e9)
+        peak = peaks.get("bf16" if c.amp == torch.bfloat16 else "fp32")
+        if peak:
+            row["train_share_of_peak"] = row["train_gflops"] / peak
+            row["infer_share_of_peak"] = row["infer_gflops"] / peak
+        rows.append(row)
+    base = next((r for r in rows if r["name"].startswith("timm")), rows[-1])
+    for r in rows:
+        r["train_ratio_vs_" + base["name"].split()[0]] = r["train_images_per_second"] / base["train_images_per_second"]
+        r["infer_ratio_vs_" + base["name"].split()[0]] = r["infer_images_per_second"] / base["infer_images_per_second"]
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name()
+    else:
+        gpu = None
+    return dict(model=model_name, img_size=img_size, batch_size=batch_size, infer_batch_size=infer_batch_size,
+                steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
+                gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
+                cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"), results=rows)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def format_table(report: dict) -> str:
+    rows = report["results"]
+    ratio_key = next(k for k in rows[0] if k.startswith("train_ratio"))
+    lines = [f"{report['model']} at {report['img_size']}px on {report['device']} ({report['cpu'] if not report['gpu'] else report['gpu']}, "
+             f"{report['threads']} threads, torch {report['torch']}); train batch {report['batch_size']}, "
+             f"inference batch {report['infer_batch_size']}; medians of {report['steps']} interleaved steps",
+             f"{'path':<24} {'amp':>5} {'train img/s':>11} {'x':>5} {'infer img/s':>11} {'x':>5} {'lat ms':>7} "
+             f"{'train GF/s':>10} {'%peak':>6} {'infer GF/s':>10} {'%peak':>6}"]
+    for r in rows:
+        lines.append(f"{r['name']:<24} {r['amp']:>5} {r['train_images_per_second']:>11.1f} {r[ratio_key]:>5.2f} "
+                     f"{r['infer_images_per_second']:>11.1f} {r[ratio_key.replace('train', 'infer')]:>5.2f} "
+                     f"{r['latency_ms']:>7.2f} {r['train_gflops']:>10.1f} {100 * r.get('train_share_of_peak', 0):>5.1f}% "
+                     f"{r['infer_gflops']:>10.1f} {100 * r.get('infer_share_of_peak', 0):>5.1f}%")
+    if report["matmul_peak_gflops"]:
+        lines.append("matmul peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflops"].items()))
+    return "\n".join(lines)
+
+
+def cmd_bench(args):
+    report = run_benchmark(args.model, args.img_size, args.batch_size, args.infer_batch_size, args.steps,
+                           args.warmup, args.device, include_timm=not args.no_timm)
+    report["command"] = "convmixer bench " + " ".join(args.argv_echo)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="throughput of this project's path vs timm and plain PyTorch, side by side")
+    p.add_argument("--model", default="convmixer_256_8")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--infer-batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-timm", action="store_true", help="leave timm out (it is a test-only dependency)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,69 @@
+"""``convmixer export``: a trained model as ONNX (checked against onnxruntime), TorchScript or
+plain safetensors weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, check: bool = True) -> dict:
+    """Write ``model`` in ``fmt`` (onnx | torchscript | safetensors). ONNX and TorchScript use the
+    plain depthwise op (the fast one only changes the backward pass) and a dynamic batch size."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().set_fast(False)
+    x = torch.randn(2, model.in_chans, img_size, img_size)
+    with torch.no_grad():
+        expected = model(x)
+    if fmt == "safetensors":
+        from .weights import save_weights
+        save_weights(model, out)
+        return {"path": str(out)}
+    if fmt == "torchscript":
+        with torch.no_grad():
+            scripted = torch.jit.trace(model, x)
+        from .weights import atomic_write
+        atomic_write(out, lambda tmp: scripted.save(tmp))
+        diff = (torch.jit.load(str(out))(x) - expected).abs().max().item()
+        return {"path": str(out), "max_abs_diff": diff}
+    if fmt != "onnx":
+        raise ValueError(f"unknown export format {fmt!r}: choose onnx, torchscript or safetensors")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ValueError("ONNX export needs the onnx package: pip install 'convmixer[export]'") from None
+    from .weights import atomic_write
+    atomic_write(out, lambda tmp: torch.onnx.export(
+        model, (x,), tmp, input_names=["images"], output_names=["logits"], opset_version=opset,
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+    result = {"path": str(out)}
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return result
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": x.numpy()})[0]
+        result["max_abs_diff"] = float((torch.from_numpy(got) - expected).abs().max())
+    return result
+
+
+def cmd_export(args):
+    from .evaluate import load_for_inference
+    model, info = load_for_inference(args.checkpoint)
+    result = export(model, args.out, args.format, args.img_size or info["img_size"])
+    line = f"wrote {result['path']}"
+    if "max_abs_diff" in result:
+        line += f" (max |difference| from PyTorch on a test batch: {result['max_abs_diff']:.2e})"
+    print(line)
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="ONNX (checked with onnxruntime), TorchScript or safetensors")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default="onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--img-size", type=int, default=None)
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,177 @@
+"""``convmixer viz``: pictures of what a model learned and how its training went (matplotlib PNGs)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
+def plot_patch_filters(model, path, max_filters: int = 256):
+    """The patch-embedding filters (h x C x p x p): RGB images for 3-channel input, grey otherwise,
+    each scaled to its own range."""
+    plt = _plt()
+    w = model.stem[0].weight.detach().float().cpu()[:max_filters]
+    rows, cols = _grid(len(w))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.45 + 0.5, rows * 0.45 + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, f in zip(axes.flat, w):
+        f = (f - f.min()) / (f.max() - f.min() + 1e-12)
+        if f.shape[0] == 3:
+            ax.imshow(f.permute(1, 2, 0).numpy(), interpolation="nearest")
+        else:
+            ax.imshow(f[0].numpy(), cmap="gray", interpolation="nearest")
+    fig.suptitle(f"patch-embedding filters ({w.shape[2]}x{w.shape[3]}, first {len(w)} of {model.dim})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_depthwise_kernels(model, path, layers=None, max_kernels: int = 64):
+    """The depthwise k x k kernels of chosen layers side by side (diverging colour map centred on
+    zero), to see them go from local to spread-out with depth as the paper shows."""
+    plt = _plt()
+    depth = model.depth
+    layers = layers or sorted({0, depth // 2, depth - 1})
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 4.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        w = model.blocks[layer][0].fn[0].weight.detach().float().cpu()[:max_kernels, 0]
+        rows, cols = _grid(len(w))
+        k = w.shape[-1]
+        canvas = torch.full((rows * (k + 1) - 1, cols * (k + 1) - 1), float("nan"))
+        for i, kern in enumerate(w):
+            r, c = divmod(i, cols)
+            canvas[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = kern / (kern.abs().max() + 1e-12)
+        im = ax.imshow(canvas.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(f"layer {layer + 1}/{depth}")
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7, label="weight / max |weight| per kernel")
+    fig.suptitle(f"depthwise {model.kernel_size}x{model.kernel_size} kernels (first {max_kernels} channels)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs: dict, path):
+    """Loss, top-1 and learning rate against epoch; several runs overlaid."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, records in runs.items():
+        epochs = [r["epoch"] for r in records]
+        line, = axes[0].plot(epochs, [r["train_loss"] for r in records], label=f"{name} train")
+        if any("val_loss" in r for r in records):
+            axes[0].plot([r["epoch"] for r in records if "val_loss" in r],
+                         [r["val_loss"] for r in records if "val_loss" in r], "--", color=line.get_color(),
+                         label=f"{name} val")
+        axes[1].plot(epochs, [100 * r["train_acc"] for r in records], color=line.get_color(), label=f"{name} train")
+        if any("val_top1" in r for r in records):
+            axes[1].plot([r["epoch"] for r in records if "val_top1" in r],
+                         [100 * r["val_top1"] for r in records if "val_top1" in r], "--", color=line.get_color(),
+                         label=f"{name} val")
+        axes[2].plot(epochs, [r["lr"] for r in records], color=line.get_color(), label=name)
+    for ax, title, ylabel in zip(axes, ("loss", "top-1 accuracy", "learning rate (end of epoch)"),
+                                 ("cross-entropy", "%", "lr")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(confusion, classes, path):
+    plt = _plt()
+    import numpy as np
+    m = np.asarray(confusion, dtype=float)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4.5, 0.55 * n + 1.5)))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    ax.set_title(f"confusion matrix (top-1 {100 * np.trace(m) / max(m.sum(), 1):.2f}%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_viz(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if args.checkpoint:
+        from .evaluate import load_for_inference
+        model, info = load_for_inference(args.checkpoint)
+        plot_patch_filters(model, out / "patch_filters.png")
+        layers = [int(i) - 1 for i in args.layers.split(",")] if args.layers else None
+        if layers and not all(0 <= i < model.depth for i in layers):
+            raise ValueError(f"--layers must be between 1 and {model.depth}")
+        plot_depthwise_kernels(model, out / "depthwise_kernels.png", layers)
+        written += ["patch_filters.png", "depthwise_kernels.png"]
+        if args.confusion:
+            from .cli import _eval_data
+            from .evaluate import evaluate
+            import argparse
+            ns = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, split=args.split, val_split=None,
+                                    skip_bad_images=False)
+            data, _, _ = _eval_data(ns, info)
+            result = evaluate(model.to(memory_format=torch.channels_last), data, info)
+            plot_confusion(result["confusion"], info["classes"], out / "confusion.png")
+            written.append("confusion.png")
+    runs = list(args.runs or [])
+    if args.checkpoint and not runs and (Path(args.checkpoint).parent / "metrics.jsonl").is_file():
+        runs = [str(Path(args.checkpoint).parent)]
+    if runs:
+        plot_curves({Path(r).name if Path(r).is_dir() else Path(r).parent.name: read_metrics(r) for r in runs},
+                    out / "curves.png")
+        written.append("curves.png")
+    if not written:
+        raise ValueError("nothing to draw: pass --checkpoint and/or --runs")
+    for name in written:
+        print(out / name)
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("viz", help="PNGs: patch-embedding filters, depthwise kernels, curves, confusion matrix")
+    p.add_argument("--checkpoint", help="weights of a run (model.safetensors or last.pt)")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--layers", default=None, help="depthwise layers to show, 1-based, e.g. 1,4,8 (default: first, middle, last)")
+    p.add_argument("--runs", nargs="*", help="run folders (or metrics.jsonl files) whose curves to overlay")
+    p.add_argument("--confusion", action="store_true", help="also evaluate and draw the confusion matrix")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", choices=("val", "test", "train"), default=None)
+    p.set_defaults(func=cmd_viz)
