@@ -120,13 +120,29 @@ def candidates(model_name: str, device: torch.device, include_timm: bool = True)
     return out
 
 
+def breakdown(model_name: str, device: torch.device) -> list[Candidate]:
+    """The default path with one speed-up taken away at a time: what each one is worth."""
+    from .config import TrainConfig
+    from .train import amp_dtype
+    fast_dtype = amp_dtype(TrainConfig(), device)
+    return [
+        Candidate("- allocator setting", lambda: create_model(model_name), amp=fast_dtype, channels_last=True),
+        Candidate("- fast depthwise bwd", lambda: create_model(model_name, fast=False), amp=fast_dtype,
+                  channels_last=True, allocator=True),
+        Candidate("- bf16 (fp32)", lambda: create_model(model_name), channels_last=True, allocator=True),
+        Candidate("- channels_last", lambda: create_model(model_name), amp=fast_dtype, allocator=True),
+    ]
+
+
 def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, infer_batch_size=256,
-                  steps=10, warmup=3, device=None, include_timm=True, extra=()) -> dict:
+                  steps=10, warmup=3, device=None, include_timm=True, extra=(), with_breakdown=False) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     img_size = img_size or VARIANTS[model_name].input_size
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cands = candidates(model_name, device, include_timm) + list(extra)
+    if with_breakdown:
+        cands += breakdown(model_name, device)
     for c in cands:
         c.prepare(device)
     g = torch.Generator().manual_seed(0)
@@ -209,7 +225,7 @@ def format_table(report: dict) -> str:
 
 def cmd_bench(args):
     report = run_benchmark(args.model, args.img_size, args.batch_size, args.infer_batch_size, args.steps,
-                           args.warmup, args.device, include_timm=not args.no_timm)
+                           args.warmup, args.device, include_timm=not args.no_timm, with_breakdown=args.breakdown)
     report["command"] = "convmixer bench " + " ".join(args.argv_echo)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -228,5 +244,7 @@ def add_parser(sub):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--no-timm", action="store_true", help="leave timm out (it is a test-only dependency)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also the default path with each speed-up taken away in turn")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

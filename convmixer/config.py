@@ -36,6 +36,7 @@ class TrainConfig:
     download: bool = True
     skip_bad_images: bool = False
     workers: int = 0                     # DataLoader worker processes (0 = in the training process)
+    cache: bool = True                   # decode small image sets once into a uint8 tensor (false: every epoch)
     # recipe
     epochs: int = 25
     batch_size: int = 512                # global batch per optimizer step (all processes, all accumulation)

@@ -169,7 +169,7 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
                 im = Image.fromarray((a * 255.0 / peak).clip(0, 255).astype("uint8"))
             im = im.convert("L" if channels == 1 else "RGB")
             return v2.functional.pil_to_tensor(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
@@ -273,9 +273,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if name == "imagefolder":
         splits = ["train"] if train else ["val", "test"]
-        split = next((root / s for s in splits if (root / s).is_dir()), root)
-        folder = scan_folder(split)
-        return decode_folder(folder, img_size, skip_bad_images) if cache and len(folder) <= 200_000 and img_size else folder
+        split = next((root / s for s in splits if (root / s).is_dir()), None)
+        if split is None and not train:
+            raise DataError(f"{root} has no val/ or test/ folder: add one, or use --val-split to carve a "
+                            f"validation set from the training images")
+        folder = scan_folder(split or root)
+        # cache only when no resizing is needed (a square resize would distort ImageNet-style photos)
+        first = decode(folder.files[0], folder.channels) if folder.files else None
+        cache = cache and (img_size is None or (first is not None and tuple(first.shape[-2:]) == (img_size, img_size)))
+        # up to 200k images are decoded once (at img_size, or their own size when they all share one)
+        return decode_folder(folder, img_size, skip_bad_images) if cache and len(folder) <= 200_000 else folder
     if name.startswith("cifar"):
         hundred = name == "cifar100"
         torchvision_folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
@@ -285,7 +292,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
                 if not train:
                     raise DataError(f"the JPEG copy of CIFAR-10 in {root} has no test split: use --val-split, "
                                     f"or --dataset imagefolder --data-dir <folder with test/>")
-                return decode_folder(scan_folder(jpeg), 32, skip_bad_images)
+                folder = scan_folder(jpeg)
+                return decode_folder(folder, 32, skip_bad_images) if cache else folder
         if not torchvision_folder.is_dir():
             if not download:
                 raise DataError(f"{name} not found under {root}: pass --data-dir pointing at a local copy")
@@ -372,12 +380,16 @@ class TransformedImages(torch.utils.data.Dataset):
         if self.data.images is not None:
             img = self.data.images[i]
         else:
-            try:
-                img = decode(self.data.files[i], self.data.channels)
-            except DataError:
-                if not self.skip_bad:
-                    raise
-                return self[(i + 1) % len(self)]  # a substitute keeps batch shapes; counted at scan time
+            img = None
+            for attempt in range(len(self)):  # with skip_bad_images, the next readable image stands in
+                try:
+                    img = decode(self.data.files[(i + attempt) % len(self)], self.data.channels)
+                    break
+                except DataError:
+                    if not self.skip_bad:
+                        raise
+            if img is None:
+                raise DataError("no readable image in the data set")
         return self.transform(img), self.data.labels[i]
 
 

@@ -70,6 +70,7 @@ def load_for_inference(checkpoint: str | Path, num_classes: int | None = None) -
         info["img_size"] = int(meta["img_size"])
         info["dataset"] = meta.get("dataset", "")
         info["config"] = json.loads(meta.get("config", "{}"))
+        info["crop_pct"] = info["config"].get("crop_pct", 1.0)
         state = read_state_dict(path)
     else:
         from .train import TrainingError, load_checkpoint
@@ -78,6 +79,7 @@ def load_for_inference(checkpoint: str | Path, num_classes: int | None = None) -
         except TrainingError as e:
             raise WeightsError(str(e)) from None
         info = {k: ckpt[k] for k in ("model_args", "classes", "mean", "std", "img_size", "dataset", "config")}
+        info["crop_pct"] = ckpt.get("crop_pct", 1.0)
         state = ckpt["model"]
     args = dict(info["model_args"])
     model = ConvMixer(**args)
@@ -90,7 +92,7 @@ def load_for_inference(checkpoint: str | Path, num_classes: int | None = None) -
 @torch.no_grad()
 def predict(model: ConvMixer, info: dict, files: list[str], top_k: int = 5, device="cpu") -> list[dict]:
     """Top-k classes with probabilities for image files of any size and mode."""
-    aug = AugmentConfig(img_size=info["img_size"], crop_pct=1.0)
+    aug = AugmentConfig(img_size=info["img_size"], crop_pct=info.get("crop_pct", 1.0))
     transform = eval_transform(aug, info["mean"], info["std"])
     model.eval().to(device)
     results = []

@@ -27,7 +27,7 @@ from .data import (STATS, AugmentConfig, ImageData, TransformedImages, batch_mix
                    split_train_val, train_transform)
 from .evaluate import evaluate
 from .model import ConvMixer, create_model, model_kwargs
-from .weights import WeightsError, atomic_write, save_weights
+from .weights import atomic_write, save_weights, torch_load_safely
 
 
 class TrainingError(RuntimeError):
@@ -112,21 +112,19 @@ def _set_rng_state(state: dict):
 
 
 def save_checkpoint(path: Path, state: dict):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise TrainingError(f"could not write checkpoint {path} ({reason}); the previous one is intact: "
+                            f"free space or fix permissions, then --resume {path}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise TrainingError(f"{path} holds Python objects beyond tensors and was refused (it could run code)") from None
-        raise TrainingError(f"{path} is truncated or not a convmixer checkpoint ({first}); use an earlier one "
-                            f"(last.pt, best.pt, epoch_*.pt)") from None
+    ckpt = torch_load_safely(path, TrainingError)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise TrainingError(f"{path} is not a convmixer training checkpoint (for plain weights use eval/predict)")
     return ckpt
@@ -140,26 +138,31 @@ def _log0(rank: int, *args):
 
 def prepare_data(cfg: TrainConfig) -> tuple[ImageData, ImageData, dict]:
     train_all = load_dataset(cfg.dataset, cfg.data_dir, train=True, img_size=cfg.img_size, download=cfg.download,
-                             skip_bad_images=cfg.skip_bad_images)
+                             skip_bad_images=cfg.skip_bad_images, cache=cfg.cache)
     if cfg.val_split > 0:
         train, val = split_train_val(train_all, cfg.val_split, seed=cfg.seed)
     else:
         train = train_all
         val = load_dataset(cfg.dataset, cfg.data_dir, train=False, img_size=cfg.img_size, download=cfg.download,
-                           skip_bad_images=cfg.skip_bad_images)
+                           skip_bad_images=cfg.skip_bad_images, cache=cfg.cache)
+    if list(val.classes) != list(train_all.classes):
+        raise ConfigError(f"the validation classes ({', '.join(val.classes[:4])}...) differ from the training classes "
+                          f"({', '.join(train_all.classes[:4])}...): give both splits the same class folders")
     if cfg.subset:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.subset]
         train = train.subset(pick.sort().values)  # a seeded random subset: every class, not the first folders
     if train.images is not None:
         native = train.images.shape[-1]
+    elif cfg.dataset == "cifar10":
+        native = 32
     else:
-        native = cfg.img_size or 224
+        native = 224
     img_size = cfg.img_size or native
     mean, std = STATS[cfg.dataset]
     if train.channels == 1 and len(mean) == 3:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     info = dict(img_size=img_size, mean=list(mean), std=list(std), classes=train_all.classes,
-                in_chans=train.channels, dataset=cfg.dataset)
+                in_chans=train.channels, dataset=cfg.dataset, crop_pct=cfg.crop_pct)
     return train, val, info
 
 
@@ -189,7 +192,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         saved_cfg = ckpt.get("config", {})
-        if saved_cfg.get("model") != cfg.model or ckpt["model_args"] != _model_args(cfg, ckpt["model_args"]):
+        same = {k: v for k, v in ckpt["model_args"].items() if k != "fast"}
+        if saved_cfg.get("model") != cfg.model or same != {k: v for k, v in _model_args(cfg, same).items() if k != "fast"}:
             raise TrainingError(f"{resume} was trained with another model ({saved_cfg.get('model')}); resume with "
                                 f"the run's own config: --config {out / 'config.yaml'}")
     torch.manual_seed(cfg.seed)
@@ -200,7 +204,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 downloads, unpacks and caches first; the others then read its cache
     train_data, val_data, info = prepare_data(cfg)
+    if world > 1 and rank == 0:
+        dist.barrier()
     num_classes = len(info["classes"])
     if len(train_data) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images: "
@@ -210,10 +218,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
         raise ConfigError(f"patch_size {margs['patch_size']} is larger than the {info['img_size']} px images")
     model = ConvMixer(**margs)
     if cfg.pretrained and ckpt is None:
-        from .weights import load_weights
-        load_weights(model, cfg.pretrained, strict=False)
+        from .weights import load_into, read_state_dict
+        skipped = load_into(model, read_state_dict(cfg.pretrained), strict=False, source=cfg.pretrained)
+        _log0(rank, f"loaded {cfg.pretrained}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    if world > 1:  # distinct augmentation draws per process (the weights are broadcast by DDP anyway)
+        torch.manual_seed(cfg.seed + 1000 * rank)
+        random.seed(cfg.seed + 1000 * rank)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(device)
     if cfg.channels_last:
@@ -254,12 +266,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, start_batch = ckpt["epoch"], ckpt["batch_in_epoch"]
         global_step, best, partial = ckpt["step"], ckpt["best"], ckpt.get("partial", {})
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"])  # rank 0's; the other ranks continue from their own seeds
+        if rank > 0:
+            torch.manual_seed(cfg.seed + 1000 * rank + global_step)
+            random.seed(cfg.seed + 1000 * rank + global_step)
         _log0(rank, f"resumed from {resume}: epoch {start_epoch + 1}, step {global_step}")
 
     state_meta = dict(model_args=margs, model_name=cfg.model, config=dataclasses.asdict(cfg), **info)
@@ -281,12 +297,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
 
     def on_signal(signum, frame):
         stop["signal"] = signum
-    if rank == 0 or world == 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous_handlers[sig] = signal.signal(sig, on_signal)
-            except ValueError:  # not the main thread
-                pass
+    for sig in (signal.SIGINT, signal.SIGTERM):  # on every rank: torchrun forwards signals to all of them
+        try:
+            previous_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
 
     def state(epoch, batch_in_epoch, partial_stats):
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -300,6 +315,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                 f"amp={dtype}, {cfg.epochs} epochs x {steps_per_epoch} steps")
     run_start = time.time()
     summary = {}
+    stopping = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -320,6 +336,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
             micro_iter = iter(loader)
             for batch_index in range(first, steps_per_epoch):
                 # ---- one optimizer step: accum_steps micro-batches, then clip, step, schedule
+                bad_loss = None
                 for a in range(cfg.accum_steps):
                     images, labels = next(micro_iter)
                     images = images.to(device, non_blocking=True)
@@ -335,13 +352,20 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                         scaler.scale(loss / cfg.accum_steps).backward()
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
-                        raise TrainingError(f"loss became {loss_value} at epoch {epoch + 1}, step {global_step + 1}: "
-                                            f"lower lr (now {cfg.lr}), keep clip_grad on, or set amp=off; the last "
-                                            f"good checkpoint {out / 'last.pt'} is untouched")
+                        bad_loss = loss_value
                     hard = targets.argmax(-1) if targets.ndim == 2 else targets
                     stats["loss"] += loss_value * len(labels)
                     stats["correct"] += (logits.argmax(-1) == hard).sum().item()
                     stats["seen"] += len(labels)
+                # all processes agree on stopping (a signal seen by any) and on a non-finite loss
+                flags = torch.tensor([float(bad_loss is not None), float(stop["signal"] is not None)], device=device)
+                if world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[0] > 0:
+                    raise TrainingError(f"loss became {bad_loss if bad_loss is not None else 'non-finite'} at epoch "
+                                        f"{epoch + 1}, step {global_step + 1}: lower lr (now {cfg.lr}), keep clip_grad "
+                                        f"on, or set amp=off; the last good checkpoint {out / 'last.pt'} is untouched")
+                stopping = flags[1] > 0
                 if cfg.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
@@ -360,11 +384,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                                          acc=f"{stats['correct'] / stats['seen']:.3f}",
                                          img_s=f"{stats['seen'] * world / max(elapsed, 1e-9):.0f}",
                                          lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-                if stop["signal"] is not None and batch_index + 1 < steps_per_epoch:
+                if stopping and batch_index + 1 < steps_per_epoch:
                     stats["seconds"] += time.time() - tick
                     if rank == 0:
                         save_checkpoint(out / "last.pt", state(epoch, batch_index + 1, stats))
-                    name = signal.Signals(stop["signal"]).name
+                    name = signal.Signals(stop["signal"] or signal.SIGTERM).name
                     _log0(rank, f"\n{name}: stopped at epoch {epoch + 1}, step {global_step}; checkpoint written to "
                                 f"{out / 'last.pt'}; continue with --resume {out / 'last.pt'}")
                     return {"interrupted": True, "step": global_step, "checkpoint": str(out / "last.pt")}
@@ -410,14 +434,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                     save_checkpoint(out / f"epoch_{epoch + 1:04d}.pt", state(epoch + 1, 0, {}))
             if world > 1:
                 dist.barrier()
-            if stop["signal"] is not None and not last_epoch:
-                _log0(rank, f"{signal.Signals(stop['signal']).name}: stopped after epoch {epoch + 1}; continue with "
+            if stopping and not last_epoch:
+                _log0(rank, f"{signal.Signals(stop['signal'] or signal.SIGTERM).name}: stopped after epoch {epoch + 1}; continue with "
                             f"--resume {out / 'last.pt'}")
                 return {"interrupted": True, "step": global_step, "checkpoint": str(out / "last.pt")}
         if rank == 0:
             final = ema.module if ema is not None else raw_model
             _save_weights(final, out / "model.safetensors", state_meta, {})
-            lines = [json.loads(line) for line in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
+            lines = _read_metrics(out / "metrics.jsonl")
             summary = dict(model=cfg.model, params=n_params, dataset=cfg.dataset, epochs=cfg.epochs,
                            best_val_top1=best["val_top1"], best_epoch=best["epoch"],
                            final_val_top1=lines[-1].get("val_top1") if lines else None,
@@ -448,15 +472,30 @@ def _save_weights(model: torch.nn.Module, path: Path, meta: dict, record: dict):
                 "classes": json.dumps(meta["classes"]), "mean": json.dumps(meta["mean"]),
                 "std": json.dumps(meta["std"]), "img_size": str(meta["img_size"]), "dataset": meta["dataset"],
                 "metrics": json.dumps(record), "config": json.dumps(meta["config"])}
-    save_weights(model, path, metadata)
+    try:
+        save_weights(model, path, metadata)
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise TrainingError(f"could not write {path} ({reason}); the previous file is intact: free space or fix "
+                            f"permissions, then --resume {path.parent / 'last.pt'}") from None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The epoch records; a line cut short by a crash is ignored."""
+    records = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 def _truncate_metrics(path: Path, start_epoch: int):
-    """On resume, drop epoch lines the resumed run will write again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+    """On resume, drop epoch lines the resumed run will write again (and any cut-short line)."""
+    if path.exists():
+        keep = [r for r in _read_metrics(path) if r.get("epoch", 0) <= start_epoch]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
 def _print_epoch(record: dict, header: bool):

@@ -25,6 +25,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -62,6 +65,24 @@ def checkpoint_filter_fn(state_dict: dict) -> dict:
     return out
 
 
+def torch_load_safely(path: Path, error=None):
+    """``torch.load(weights_only=True)`` with one-line errors: a pickle that would build arbitrary
+    Python objects (and so could run code) is refused; a cut or garbage file is named as such."""
+    error = error or WeightsError
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "Unsupported global" in text:
+            raise error(f"{path} was refused: it holds Python objects beyond tensors (loading it could run code); "
+                        f"convert it to safetensors from a trusted copy") from None
+        if "Weights only load failed" in text or "WeightsUnpickler" in text:
+            raise error(f"{path} was refused: it is truncated or not a weights file, or it holds Python objects "
+                        f"beyond tensors (loading those could run code)") from None
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise error(f"{path} is truncated or not a PyTorch weights file ({first})") from None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict:
     """Tensors from a .safetensors, .pth or .pth.tar file. PyTorch files are read with
     ``weights_only=True``: a file that tries to run code is refused, not executed."""
@@ -74,14 +95,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise WeightsError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "unpickl" in str(e).lower():
-            raise WeightsError(f"{path} holds Python objects beyond tensors and was refused (loading it could "
-                               f"run code); convert it to safetensors from a trusted copy") from None
-        raise WeightsError(f"{path} is truncated or not a PyTorch weights file ({msg})") from None
+    obj = torch_load_safely(path, WeightsError)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return obj
@@ -105,23 +119,28 @@ def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     return "; ".join(parts)
 
 
-def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, source: str = "weights") -> None:
-    """Load with a message that names what does not match. ``strict=False`` still requires the
-    shapes of the tensors both sides have to agree, and skips a classifier of another size."""
+def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, source: str = "weights") -> list[str]:
+    """Load with a message that names what does not match; returns the names left as initialised.
+    ``strict=False`` is for fine-tuning: only the classifier (``head.*``) and, for another number of
+    input channels, the patch-embedding weight may differ; any other mismatch is still an error."""
     state_dict = checkpoint_filter_fn(state_dict)
     problem = describe_mismatch(model, state_dict)
     if problem is None:
         model.load_state_dict(state_dict, strict=True)
-        return
-    if strict:
+        return []
+    own = model.state_dict()
+    fitting = {k: v for k, v in state_dict.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    skipped = [k for k in own if k not in fitting]
+    replaceable = [k for k in skipped if k.startswith("head.") or k == "stem.0.weight"]
+    unexpected = [k for k in state_dict if k not in own and not k.startswith("head.")]
+    if strict or len(replaceable) != len(skipped) or unexpected:
         hint = ""
         if "head." in problem:
             hint = (" (the classifier differs: pass the checkpoint's --num-classes, or strict=False to "
                     "fine-tune a new head)")
         raise WeightsError(f"{source} do not fit this model: {problem}{hint}")
-    own = model.state_dict()
-    fitting = {k: v for k, v in state_dict.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.load_state_dict(fitting, strict=False)
+    return skipped
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:

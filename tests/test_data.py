@@ -56,7 +56,8 @@ def test_image_folder_decoded_and_cached(folder_dir):
 
 
 def test_image_folder_problems(tmp_path):
-    (tmp_path / "a").mkdir()
+    tmp_path = tmp_path / "data"  # beside the test's cache folder, not around it
+    (tmp_path / "a").mkdir(parents=True)
     (tmp_path / "b").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
     with pytest.raises(DataError, match="no images.*b"):
@@ -92,3 +93,11 @@ def test_val_split_seeded(cifar_dir):
     assert torch.equal(split_train_val(data, 0.2, seed=3)[1].images, val.images)
     with pytest.raises(DataError):
         split_train_val(data, 500)
+
+
+def test_download_failure_offline_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+    monkeypatch.setattr(tvd.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar10", tmp_path / "empty", download=True)
+    assert "download failed" in str(info.value) and "--data-dir" in str(info.value) and "\n" not in str(info.value)

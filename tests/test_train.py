@@ -46,7 +46,7 @@ def test_epoch_batches_shard_the_global_batch():
 
 
 def test_training_learns_and_writes_outputs(tmp_path, fashion_dir):
-    summary = train(tiny_config(tmp_path, fashion_dir, epochs=4, lr=0.01))
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=4, lr=0.01, ema_decay=0.9))
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
@@ -55,13 +55,15 @@ def test_training_learns_and_writes_outputs(tmp_path, fashion_dir):
         assert key in records[0]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["val_top1"] > 0.5  # 10 trivially separable classes, chance is 0.1
+    assert records[-1]["val_top1_ema"] > 0.5
     assert (out / "config.yaml").is_file() and (out / "model.safetensors").is_file()
     assert summary["best_val_top1"] == max(r["val_top1"] for r in records)
 
 
-def test_sigint_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir):
-    """A real SIGINT to a real training process: it checkpoints and exits 0; --resume then ends
-    with weights bitwise equal to an uninterrupted run (deterministic CPU, fp32)."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir, signame):
+    """A real SIGINT/SIGTERM to a real training process: it checkpoints and exits 0; --resume then
+    ends with weights bitwise equal to an uninterrupted run (deterministic CPU, fp32)."""
     import signal
     import time
     args = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0",
@@ -76,10 +78,10 @@ def test_sigint_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir):
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "SIGINT" in stdout and "--resume" in stdout
+    assert signame in stdout and "--resume" in stdout
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] < 6 * (600 // 32)  # it really stopped early
     resumed = _run_cli(args + ["--out", str(out)] + ["--resume", str(out / "last.pt")])
@@ -225,3 +227,11 @@ def test_export(tmp_path, fashion_dir, fmt, suffix, capsys):
     if fmt != "safetensors":
         diff = float(out.rsplit("test batch: ", 1)[1].rstrip(")\n"))
         assert diff < 1e-4
+
+
+def test_default_config_is_the_authors_cifar_script():
+    import dataclasses
+    default = dataclasses.asdict(make_config(None, {}))
+    script = dataclasses.asdict(make_config("cifar10_script", {}))
+    assert {k: v for k, v in default.items() if k != "out"} == {k: v for k, v in script.items() if k != "out"}
+    assert (default["model"], default["epochs"], default["batch_size"], default["lr"]) == ("convmixer_256_8", 25, 512, 0.05)
