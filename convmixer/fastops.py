@@ -71,7 +71,11 @@ _GLIBC_DEFAULTS = {-4: 65536, -1: 128 * 1024}  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
 
 def set_allocator_tuned(enable: bool) -> None:
-    """Switch the glibc setting on or off at run time (the benchmark compares both in one process)."""
+    """Switch the glibc setting on or off at run time (the benchmark compares both in one process).
+    A no-op in a process where tune_allocator() was not applied, so that process stays on stock glibc
+    (setting the options explicitly, even to their defaults, turns off glibc's dynamic mmap threshold)."""
+    if not _ALLOCATOR_TUNED:
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
