@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 
@@ -162,6 +163,12 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
             c.infer_times.append(c.infer(x_infer, device))
             c.latency_times.append(c.infer(x_one, device))
     set_allocator_tuned(True)
+    peak_memory = {}
+    if device.type == "cuda":  # one more training step per candidate, with the peak counter reset
+        for c in cands:
+            torch.cuda.reset_peak_memory_stats()
+            c.train_step(x_train, y_train, device)
+            peak_memory[c.name] = torch.cuda.max_memory_allocated() / 2 ** 20
     flop = flops_per_image(create_model(model_name), img_size, img_size)
     peaks = {}
     if device.type == "cpu":
@@ -176,6 +183,8 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
                    latency_ms=1e3 * statistics.median(c.latency_times),
                    train_gflops=3 * flop * batch_size / train_s / 1e9,
                    infer_gflops=flop * infer_batch_size / infer_s / 1e9)
+        if c.name in peak_memory:
+            row["peak_memory_mb"] = peak_memory[c.name]
         peak = peaks.get("bf16" if c.amp == torch.bfloat16 else "fp32")
         if peak:
             row["train_share_of_peak"] = row["train_gflops"] / peak
@@ -192,7 +201,9 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
     return dict(model=model_name, img_size=img_size, batch_size=batch_size, infer_batch_size=infer_batch_size,
                 steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
                 gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
-                cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"), results=rows)
+                cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+                # CPU: the process's peak resident memory (all candidates together); CUDA: per candidate
+                process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=rows)
 
 
 def _cpu_name() -> str:
@@ -218,6 +229,8 @@ def format_table(report: dict) -> str:
                      f"{r['infer_images_per_second']:>11.1f} {r[ratio_key.replace('train', 'infer')]:>5.2f} "
                      f"{r['latency_ms']:>7.2f} {r['train_gflops']:>10.1f} {100 * r.get('train_share_of_peak', 0):>5.1f}% "
                      f"{r['infer_gflops']:>10.1f} {100 * r.get('infer_share_of_peak', 0):>5.1f}%")
+    lines.append(f"process peak resident memory: {report['process_max_rss_mb']:.0f} MiB"
+                 + "".join(f"; {r['name']}: {r['peak_memory_mb']:.0f} MiB GPU" for r in rows if "peak_memory_mb" in r))
     if report["matmul_peak_gflops"]:
         lines.append("matmul peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflops"].items()))
     return "\n".join(lines)

@@ -235,3 +235,19 @@ def test_default_config_is_the_authors_cifar_script():
     script = dataclasses.asdict(make_config("cifar10_script", {}))
     assert {k: v for k, v in default.items() if k != "out"} == {k: v for k, v in script.items() if k != "out"}
     assert (default["model"], default["epochs"], default["batch_size"], default["lr"]) == ("convmixer_256_8", 25, 512, 0.05)
+
+
+def test_bench_command_reports_side_by_side(capsys):
+    pytest.importorskip("timm")
+    assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4",
+                 "--infer-batch-size", "4", "--steps", "1", "--warmup", "0", "--breakdown", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in report["results"]]
+    assert names[:3] == ["convmixer (default)", "timm eager fp32", "plain PyTorch fp32"] and len(names) == 7
+    for r in report["results"]:
+        assert r["train_images_per_second"] > 0 and r["infer_images_per_second"] > 0 and r["latency_ms"] > 0
+        assert "train_ratio_vs_timm" in r
+    assert report["matmul_peak_gflops"]["fp32"] > 0 and report["process_max_rss_mb"] > 0
+    assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4",
+                 "--infer-batch-size", "4", "--steps", "1", "--warmup", "0"]) == 0
+    assert "process peak resident memory" in capsys.readouterr().out
