@@ -4,7 +4,6 @@ ConvMixer), interleaved in one process on the same machine, medians after warm-u
 GFLOP/s against a matmul peak measured in the same run."""
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -14,8 +13,8 @@ import time
 import torch
 import torch.nn as nn
 
-from .fastops import set_allocator_tuned, tune_allocator
-from .model import VARIANTS, ConvMixer, create_model, flops_per_image
+from .fastops import set_allocator_tuned
+from .model import VARIANTS, create_model, flops_per_image
 
 
 def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 EXAMPLES = """examples:
@@ -76,38 +75,14 @@ def cmd_train(args):
     return 0 if result is not None else 1
 
 
-def _eval_data(args, info):
-    import torch
-
-    from .data import load_dataset, split_train_val
-    cfg = info.get("config") or {}
-    dataset = args.dataset or info.get("dataset") or cfg.get("dataset")
-    data_dir = args.data_dir or cfg.get("data_dir", "data")
-    split = args.split or ("val" if cfg.get("val_split", 0) else "test")
-    img_size = info["img_size"]
-    if split == "test":
-        data = load_dataset(dataset, data_dir, train=False, img_size=img_size, download=False,
-                            skip_bad_images=args.skip_bad_images)
-    else:
-        full = load_dataset(dataset, data_dir, train=True, img_size=img_size, download=False,
-                            skip_bad_images=args.skip_bad_images)
-        if split == "train":
-            data = full
-        else:
-            data = split_train_val(full, args.val_split or cfg.get("val_split", 5000), seed=cfg.get("seed", 0))[1]
-    if list(data.classes) != list(info["classes"]):
-        raise ValueError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info['classes'][:4]}...: "
-                         f"use a folder with the same class names")
-    return data, dataset, split
-
-
 def cmd_eval(args):
     import torch
 
-    from .evaluate import evaluate, load_for_inference
+    from .evaluate import evaluate, load_eval_data, load_for_inference
     from .train import amp_dtype
     model, info = load_for_inference(args.checkpoint)
-    data, dataset, split = _eval_data(args, info)
+    data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
+                                          args.skip_bad_images)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).to(memory_format=torch.channels_last)
     from .config import TrainConfig

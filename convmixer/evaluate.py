@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import AugmentConfig, ImageData, TransformedImages, decode, eval_transform, fast_eval_batches
+from .data import (AugmentConfig, ImageData, TransformedImages, decode, eval_transform, fast_eval_batches,
+                   load_dataset, split_train_val)
 from .model import ConvMixer
 from .weights import WeightsError, load_into, read_metadata, read_state_dict
 
@@ -87,6 +88,28 @@ def load_for_inference(checkpoint: str | Path, num_classes: int | None = None) -
     if num_classes is not None and num_classes != args["num_classes"]:
         raise WeightsError(f"{path} has a {args['num_classes']}-class head but --num-classes is {num_classes}")
     return model.eval(), info
+
+
+def load_eval_data(info: dict, dataset=None, data_dir=None, split=None, val_split=None,
+                   skip_bad_images=False) -> tuple[ImageData, str, str]:
+    """The images to evaluate a run's model on. Defaults come from the run's config: its data set and
+    folder, and ``split="val"`` (the same seeded split of the training set) when it trained with one,
+    else the test split."""
+    cfg = info.get("config") or {}
+    dataset = dataset or info.get("dataset") or cfg.get("dataset")
+    data_dir = data_dir or cfg.get("data_dir", "data")
+    split = split or ("val" if cfg.get("val_split", 0) else "test")
+    kwargs = dict(img_size=info["img_size"], download=False, skip_bad_images=skip_bad_images)
+    if split == "test":
+        data = load_dataset(dataset, data_dir, train=False, **kwargs)
+    else:
+        data = load_dataset(dataset, data_dir, train=True, **kwargs)
+        if split == "val":
+            data = split_train_val(data, val_split or cfg.get("val_split", 5000), seed=cfg.get("seed", 0))[1]
+    if list(data.classes) != list(info["classes"]):
+        raise ValueError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info['classes'][:4]}...: "
+                         f"use a folder with the same class names")
+    return data, dataset, split
 
 
 @torch.no_grad()

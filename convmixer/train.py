@@ -26,7 +26,7 @@ from .config import ConfigError, TrainConfig
 from .data import (STATS, AugmentConfig, ImageData, TransformedImages, batch_mixer, load_dataset,
                    split_train_val, train_transform)
 from .evaluate import evaluate
-from .model import ConvMixer, create_model, model_kwargs
+from .model import ConvMixer, model_kwargs
 from .weights import atomic_write, save_weights, torch_load_safely
 
 

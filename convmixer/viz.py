@@ -141,12 +141,8 @@ def cmd_viz(args):
         plot_depthwise_kernels(model, out / "depthwise_kernels.png", layers)
         written += ["patch_filters.png", "depthwise_kernels.png"]
         if args.confusion:
-            from .cli import _eval_data
-            from .evaluate import evaluate
-            import argparse
-            ns = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, split=args.split, val_split=None,
-                                    skip_bad_images=False)
-            data, _, _ = _eval_data(ns, info)
+            from .evaluate import evaluate, load_eval_data
+            data, _, _ = load_eval_data(info, args.dataset, args.data_dir, args.split)
             result = evaluate(model.to(memory_format=torch.channels_last), data, info)
             plot_confusion(result["confusion"], info["classes"], out / "confusion.png")
             written.append("confusion.png")
