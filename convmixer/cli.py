@@ -88,7 +88,7 @@ def cmd_eval(args):
     from .config import TrainConfig
     amp = None if args.fp32 else amp_dtype(TrainConfig(), device)
     result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
-                      workers=args.workers)
+                      tta_shift=args.tta_shift, workers=args.workers)
     result.update(dataset=dataset, split=split, checkpoint=args.checkpoint)
     if args.confusion_png:
         from .viz import plot_confusion
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--fp32", action="store_true", help="no bf16/fp16 autocast")
     p.add_argument("--tta-flip", action="store_true", help="average the predictions for each image and its mirror")
+    p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
+                   help="also average views shifted by +-PX pixels (with --tta-flip: 6 views)")
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON object with top1, top5, n, loss")
     p.add_argument("--full", action="store_true", help="with --json: also per-class accuracy and confusion matrix")

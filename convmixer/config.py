@@ -46,6 +46,8 @@ class TrainConfig:
     opt_eps: float = 1e-8
     schedule: str = "onecycle"           # onecycle (piecewise linear) | cosine | constant
     peak_at: float = 0.4                 # onecycle: fraction of training at which lr peaks
+    knee_at: float = 0.8                 # onecycle: the decline reaches knee_lr at this fraction, then
+    knee_lr: float = 0.05                #   goes on to final_lr (the authors' script: 0.8, lr/20); 0 = no knee
     final_lr: float = 0.0                # onecycle / cosine: lr at the end, as a fraction of lr
     warmup_epochs: float = 0.0           # cosine / constant: linear warm-up
     clip_grad: float = 1.0               # gradient-norm clipping; 0 = off
@@ -61,6 +63,7 @@ class TrainConfig:
     crop_pct: float = 1.0
     ema_decay: float = 0.0               # exponential moving average of weights; 0 = off
     tta_flip: bool = False               # evaluation averages the image and its mirror
+    tta_shift: int = 0                   # evaluation also averages views shifted by +-N pixels; 0 = off
     # execution
     amp: str = "auto"                    # auto | bf16 | fp16 | off
     channels_last: bool = True
@@ -74,6 +77,9 @@ class TrainConfig:
     out: str = "runs/default"
     save_every: int = 0                  # also keep epoch_<n>.pt every N epochs; 0 = off
     eval_every: int = 1
+    time_limit: float = 0.0              # minutes: the schedule spans this much wall-clock (training and
+                                         # evaluations) and training stops when it is spent; epochs is
+                                         # then an upper bound; 0 = off
     progress: bool = True
     tensorboard: bool = False
 
@@ -110,11 +116,13 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
         for key in ("lr", "weight_decay", "opt_eps", "clip_grad", "label_smoothing", "mixup", "cutmix",
                     "warmup_epochs", "val_split", "final_lr", "ema_decay", "color_jitter", "subset", "workers",
-                    "save_every"):
+                    "save_every", "time_limit", "tta_shift", "knee_at", "knee_lr"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if self.lr == 0:
             raise ConfigError("lr must be positive")
+        if self.knee_at and not self.peak_at < self.knee_at < 1:
+            raise ConfigError(f"knee_at must lie between peak_at ({self.peak_at}) and 1, got {self.knee_at}")
         for key in ("peak_at", "scale_min", "crop_pct"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")

@@ -22,11 +22,28 @@ def _batches(data: ImageData, info: dict, batch_size: int, workers: int = 0):
     yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
+def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torch.Tensor]:
+    """The batch translated by (+shift, +shift) and (-shift, -shift) pixels, borders reflected."""
+    if shift <= 0:
+        return []
+    shift = min(shift, images.shape[-1] - 1, images.shape[-2] - 1)
+    padded = F.pad(images, (shift,) * 4, mode="reflect")
+    h, w = images.shape[-2:]
+    views = [padded[..., :h, :w], padded[..., 2 * shift:, 2 * shift:]]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [v.contiguous(memory_format=fmt) for v in views]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: int = 256, device="cpu",
              amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
-             workers: int = 0) -> dict:
-    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class)."""
+             workers: int = 0, tta_shift: int = 0) -> dict:
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
+
+    Test-time augmentation averages the logits of several views: with ``tta_flip`` each view and its
+    mirror, with ``tta_shift=s`` also the image translated by (+s, +s) and (-s, -s) pixels (reflected
+    border), so 1, 2, 3 or 6 views in all.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -38,9 +55,10 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: in
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(images).float()
+            views = [images] + _shifted(images, tta_shift, channels_last)
             if tta_flip:
-                logits = (logits + model(images.flip(-1)).float()) / 2
+                views += [v.flip(-1) for v in views]
+            logits = sum(model(v).float() for v in views) / len(views)
         logits, labels = logits.cpu(), labels.cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, num_classes)

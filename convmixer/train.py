@@ -38,10 +38,12 @@ class TrainingError(RuntimeError):
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total_steps``."""
     t = step / max(total_steps, 1)
-    if cfg.schedule == "onecycle":  # linear 0 -> 1 at peak_at, then linear down to final_lr
-        if t < cfg.peak_at:
-            return t / cfg.peak_at
-        return 1.0 + (cfg.final_lr - 1.0) * (t - cfg.peak_at) / (1.0 - cfg.peak_at)
+    if cfg.schedule == "onecycle":  # piecewise linear: 0 -> 1 at peak_at (-> knee_lr at knee_at) -> final_lr
+        knee = [(cfg.knee_at, cfg.knee_lr)] if cfg.knee_at > cfg.peak_at else []
+        points = [(0.0, 0.0), (cfg.peak_at, 1.0), *knee, (1.0, cfg.final_lr)]
+        for (t0, y0), (t1, y1) in zip(points, points[1:]):
+            if t <= t1 or t1 == 1.0:
+                return y0 + (y1 - y0) * min(t - t0, t1 - t0) / max(t1 - t0, 1e-12)
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
@@ -250,8 +252,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                                   foreach=True)
     steps_per_epoch = len(train_data) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
+    # with a time limit the schedule follows the wall-clock fraction spent (agreed across processes)
+    limit = cfg.time_limit * 60
+    clock = {"base": float(ckpt.get("elapsed", 0.0)) if ckpt is not None else 0.0, "start": time.time(), "now": 0.0}
+    clock["now"] = clock["base"]
+
+    def schedule_step(step: int) -> int:
+        return max(step, min(total_steps, round(clock["now"] / limit * total_steps))) if limit else step
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
+        optimizer, lambda s: lr_factor(schedule_step(s), total_steps, cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     aug = AugmentConfig(img_size=info["img_size"], scale_min=cfg.scale_min, hflip=cfg.hflip,
@@ -307,17 +316,18 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     scaler=scaler.state_dict(), ema=None if ema is None else ema.state_dict(), rng=_rng_state(),
                     epoch=epoch, batch_in_epoch=batch_in_epoch, step=global_step, best=best, partial=partial_stats,
-                    **state_meta)
+                    elapsed=clock["base"] + time.time() - clock["start"], **state_meta)
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     _log0(rank, f"{cfg.model} ({n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(train_data)} train / "
                 f"{len(val_data)} val images at {info['img_size']}px, {world} process(es) on {device}, "
                 f"amp={dtype}, {cfg.epochs} epochs x {steps_per_epoch} steps")
-    run_start = time.time()
     summary = {}
-    stopping = False
+    stopping = time_up = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            if limit and clock["now"] >= limit:  # resumed after the time limit was spent
+                break
             model.train()
             batches = epoch_batches(len(train_data), cfg, epoch, world, rank)
             first = start_batch if epoch == start_epoch else 0
@@ -358,7 +368,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                     stats["correct"] += (logits.argmax(-1) == hard).sum().item()
                     stats["seen"] += len(labels)
                 # all processes agree on stopping (a signal seen by any) and on a non-finite loss
-                flags = torch.tensor([float(bad_loss is not None), float(stop["signal"] is not None)], device=device)
+                flags = torch.tensor([float(bad_loss is not None), float(stop["signal"] is not None),
+                                      clock["base"] + time.time() - clock["start"]], dtype=torch.float64, device=device)
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[0] > 0:
@@ -366,6 +377,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                                         f"{epoch + 1}, step {global_step + 1}: lower lr (now {cfg.lr}), keep clip_grad "
                                         f"on, or set amp=off; the last good checkpoint {out / 'last.pt'} is untouched")
                 stopping = flags[1] > 0
+                clock["now"] = flags[2].item()
+                time_up = bool(limit) and clock["now"] >= limit
                 if cfg.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
@@ -392,6 +405,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                     _log0(rank, f"\n{name}: stopped at epoch {epoch + 1}, step {global_step}; checkpoint written to "
                                 f"{out / 'last.pt'}; continue with --resume {out / 'last.pt'}")
                     return {"interrupted": True, "step": global_step, "checkpoint": str(out / "last.pt")}
+                if time_up:
+                    _log0(rank, f"time limit of {cfg.time_limit:g} min reached at epoch {epoch + 1}, step {global_step}")
+                    break
             if progress is not None:
                 progress.close()
             del micro_iter, loader
@@ -403,37 +419,45 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                 t = torch.tensor([stats["loss"], stats["correct"], stats["seen"]], dtype=torch.float64, device=device)
                 dist.all_reduce(t)
                 record.update(train_loss=(t[0] / t[2]).item(), train_acc=(t[1] / t[2]).item())
-            last_epoch = epoch + 1 == cfg.epochs
-            if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
-                eval_start = time.time()
-                result = evaluate(raw_model, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
-                                  amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip)
-                record.update(val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"])
-                if ema is not None:
-                    r = evaluate(ema.module, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
-                                 amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip)
-                    record.update(val_loss_ema=r["loss"], val_top1_ema=r["top1"], val_top5_ema=r["top5"])
-                record["eval_seconds"] = time.time() - eval_start
-                record["elapsed_seconds"] = time.time() - run_start
-                score = max(record["val_top1"], record.get("val_top1_ema", -1))
-                improved = score > best["val_top1"]
-                if improved:
-                    best = {"val_top1": score, "epoch": epoch + 1}
+            last_epoch = epoch + 1 == cfg.epochs or time_up
+            rss = _resident_mib()
+            if rss is not None:
+                record["rss_mib"] = rss
+            if rank == 0:  # every epoch is logged; the validation metrics every eval_every epochs and at the end
+                improved = False
+                if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+                    eval_start = time.time()
+                    result = evaluate(raw_model, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
+                                      amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
+                                      tta_shift=cfg.tta_shift)
+                    record.update(val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"])
+                    if ema is not None:
+                        r = evaluate(ema.module, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
+                                     amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
+                                     tta_shift=cfg.tta_shift)
+                        record.update(val_loss_ema=r["loss"], val_top1_ema=r["top1"], val_top5_ema=r["top5"])
+                    record["eval_seconds"] = time.time() - eval_start
+                    score = max(record["val_top1"], record.get("val_top1_ema", -1))
+                    improved = score > best["val_top1"]
+                    if improved:
+                        best = {"val_top1": score, "epoch": epoch + 1}
+                record["elapsed_seconds"] = clock["base"] + time.time() - clock["start"]
                 _print_epoch(record, epoch == start_epoch)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if writer is not None:
                     for k, v in record.items():
                         writer.add_scalar(k, v, epoch + 1)
-                final_model = ema.module if (ema is not None and record.get("val_top1_ema", -1) >= record["val_top1"]) else raw_model
                 if improved:
-                    _save_weights(final_model, out / "best.safetensors", state_meta, record)
-            if rank == 0:
+                    use_ema = ema is not None and record.get("val_top1_ema", -1) >= record["val_top1"]
+                    _save_weights(ema.module if use_ema else raw_model, out / "best.safetensors", state_meta, record)
                 save_checkpoint(out / "last.pt", state(epoch + 1, 0, {}))
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
                     save_checkpoint(out / f"epoch_{epoch + 1:04d}.pt", state(epoch + 1, 0, {}))
             if world > 1:
                 dist.barrier()
+            if time_up:
+                break
             if stopping and not last_epoch:
                 _log0(rank, f"{signal.Signals(stop['signal'] or signal.SIGTERM).name}: stopped after epoch {epoch + 1}; continue with "
                             f"--resume {out / 'last.pt'}")
@@ -443,6 +467,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
             _save_weights(final, out / "model.safetensors", state_meta, {})
             lines = _read_metrics(out / "metrics.jsonl")
             summary = dict(model=cfg.model, params=n_params, dataset=cfg.dataset, epochs=cfg.epochs,
+                           epochs_run=lines[-1]["epoch"] if lines else 0, time_limit_reached=time_up,
                            best_val_top1=best["val_top1"], best_epoch=best["epoch"],
                            final_val_top1=lines[-1].get("val_top1") if lines else None,
                            train_seconds=sum(r["epoch_seconds"] + r.get("eval_seconds", 0) for r in lines),
@@ -480,6 +505,14 @@ def _save_weights(model: torch.nn.Module, path: Path, meta: dict, record: dict):
                             f"permissions, then --resume {path.parent / 'last.pt'}") from None
 
 
+def _resident_mib() -> float | None:
+    """This process's resident memory now (Linux), to spot growth over a long run."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _read_metrics(path: Path) -> list[dict]:
     """The epoch records; a line cut short by a crash is ignored."""
     records = []
@@ -502,6 +535,8 @@ def _print_epoch(record: dict, header: bool):
     cols = [("epoch", "{:>5d}"), ("lr", "{:>9.2e}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.4f}"),
             ("val_loss", "{:>8.4f}"), ("val_top1", "{:>8.4f}"), ("epoch_seconds", "{:>13.1f}"),
             ("images_per_second", "{:>17.1f}")]
+    width = {name: len(fmt.format(0 if "d" in fmt else 0.0)) for name, fmt in cols}
     if header:
-        print("  ".join(f"{name:>{len(fmt.format(0 if 'd' in fmt else 0.0))}}" for name, fmt in cols), flush=True)
-    print("  ".join(fmt.format(record[name]) for name, fmt in cols), flush=True)
+        print("  ".join(f"{name:>{width[name]}}" for name, _ in cols), flush=True)
+    print("  ".join(fmt.format(record[name]) if name in record else " " * width[name] for name, fmt in cols),
+          flush=True)

@@ -23,12 +23,17 @@ def tiny_config(tmp_path, data_dir, **kw):
 
 
 def test_schedules_at_known_steps():
-    cfg = TrainConfig(schedule="onecycle", peak_at=0.4, final_lr=0.0)
+    cfg = TrainConfig(schedule="onecycle", peak_at=0.4, knee_at=0.0, final_lr=0.0)
     assert lr_factor(0, 100, cfg, 10) == 0.0
     assert lr_factor(40, 100, cfg, 10) == pytest.approx(1.0)
     assert lr_factor(20, 100, cfg, 10) == pytest.approx(0.5)
     assert lr_factor(70, 100, cfg, 10) == pytest.approx(0.5)
     assert lr_factor(100, 100, cfg, 10) == pytest.approx(0.0)
+    script = TrainConfig(schedule="onecycle", peak_at=0.4, knee_at=0.8, knee_lr=0.05)  # the authors' shape
+    assert lr_factor(60, 100, script, 10) == pytest.approx(0.525)
+    assert lr_factor(80, 100, script, 10) == pytest.approx(0.05)
+    assert lr_factor(90, 100, script, 10) == pytest.approx(0.025)
+    assert lr_factor(100, 100, script, 10) == pytest.approx(0.0)
     cos = TrainConfig(schedule="cosine", warmup_epochs=1, final_lr=0.0)
     assert lr_factor(4, 100, cos, 10) == pytest.approx(0.5)
     assert lr_factor(10, 100, cos, 10) == pytest.approx(1.0)
@@ -114,6 +119,29 @@ def test_config_errors():
 def test_batch_larger_than_data(tmp_path, fashion_dir):
     with pytest.raises(ConfigError, match="larger than the 600"):
         train(tiny_config(tmp_path, fashion_dir, batch_size=1024))
+
+
+def test_time_limit_stretches_the_schedule_and_stops(tmp_path, fashion_dir):
+    # 600 images / batch 32 = 18 steps per epoch; a limit far shorter than one epoch stops training after
+    # its first step, and the schedule, which follows the time spent, has then run to its end (lr 0)
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=50, time_limit=1e-6, tta_shift=1, tta_flip=True))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["step"] == 1 and records[0]["lr"] == 0.0
+    assert 0 <= records[0]["val_top1"] <= 1 and records[0]["rss_mib"] > 0
+    assert summary["time_limit_reached"] and summary["epochs_run"] == 1
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    # resuming a spent run trains nothing more
+    again = train(tiny_config(tmp_path, fashion_dir, epochs=50, time_limit=1e-6), resume=tmp_path / "run" / "last.pt")
+    assert again["epochs_run"] == 1
+
+
+def test_every_epoch_is_logged_and_validated_every_eval_every(tmp_path, fashion_dir, capsys):
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=3, eval_every=2))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert ["val_top1" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
+    assert summary["final_val_top1"] == records[-1]["val_top1"]
+    assert len(capsys.readouterr().out.splitlines()) >= 4  # a header and a line per epoch
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, fashion_dir):
@@ -250,3 +278,12 @@ def test_bench_command_reports_side_by_side(capsys):
     assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4",
                  "--infer-batch-size", "4", "--steps", "1", "--warmup", "0"]) == 0
     assert "process peak resident memory" in capsys.readouterr().out
+
+
+def test_tta_shifted_views_translate_the_image():
+    from convmixer.evaluate import _shifted
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    down, up = _shifted(x, 2, channels_last=True)
+    assert down.shape == up.shape == x.shape and down.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(down[..., 2:, 2:], x[..., :-2, :-2]) and torch.equal(up[..., :-2, :-2], x[..., 2:, 2:])
+    assert _shifted(x, 0, channels_last=False) == []
