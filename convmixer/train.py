@@ -470,7 +470,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                            epochs_run=lines[-1]["epoch"] if lines else 0, time_limit_reached=time_up,
                            best_val_top1=best["val_top1"], best_epoch=best["epoch"],
                            final_val_top1=lines[-1].get("val_top1") if lines else None,
-                           train_seconds=sum(r["epoch_seconds"] + r.get("eval_seconds", 0) for r in lines),
+                           train_seconds=lines[-1].get("elapsed_seconds") if lines else None,
                            weights=str(out / "model.safetensors"), checkpoint=str(out / "last.pt"))
             atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
             _log0(rank, f"done: best val top-1 {100 * best['val_top1']:.2f}% (epoch {best['epoch']}), weights in "
