@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -219,6 +220,9 @@ def main(argv=None) -> int:
     from .weights import WeightsError
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # the reader went away (convmixer eval ... | head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ConfigError, DataError, WeightsError, TrainingError, ValueError, FileNotFoundError) as e:
         if args.debug:
             raise

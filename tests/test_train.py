@@ -287,3 +287,10 @@ def test_tta_shifted_views_translate_the_image():
     assert down.shape == up.shape == x.shape and down.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(down[..., 2:, 2:], x[..., :-2, :-2]) and torch.equal(up[..., :-2, :-2], x[..., 2:, 2:])
     assert _shifted(x, 0, channels_last=False) == []
+
+
+def test_closed_stdout_is_not_an_error():
+    # `convmixer models | head -1`: the reader goes away; the command stops quietly with 141, like Unix tools
+    p = subprocess.Popen([sys.executable, "-m", "convmixer", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    assert p.wait(timeout=120) == 141 and p.stderr.read() == b""
