@@ -44,6 +44,8 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: in
     mirror, with ``tta_shift=s`` also the image translated by (+s, +s) and (-s, -s) pixels (reflected
     border), so 1, 2, 3 or 6 views in all.
     """
+    if tta_shift < 0:
+        raise ValueError(f"tta_shift must be 0 (off) or a number of pixels, got {tta_shift}")
     was_training = model.training
     model.eval()
     device = torch.device(device)

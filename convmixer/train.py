@@ -254,11 +254,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     # with a time limit the schedule follows the wall-clock fraction spent (agreed across processes)
     limit = cfg.time_limit * 60
-    clock = {"base": float(ckpt.get("elapsed", 0.0)) if ckpt is not None else 0.0, "start": time.time(), "now": 0.0}
-    clock["now"] = clock["base"]
+    started = time.time() - (float(ckpt.get("elapsed", 0.0)) if ckpt is not None else 0.0)  # resumes keep counting
+
+    def elapsed() -> float:
+        return time.time() - started
+    spent = {"seconds": elapsed()}  # the last value all processes agreed on
 
     def schedule_step(step: int) -> int:
-        return max(step, min(total_steps, round(clock["now"] / limit * total_steps))) if limit else step
+        return max(step, min(total_steps, round(spent["seconds"] / limit * total_steps))) if limit else step
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(schedule_step(s), total_steps, cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -316,7 +319,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     scaler=scaler.state_dict(), ema=None if ema is None else ema.state_dict(), rng=_rng_state(),
                     epoch=epoch, batch_in_epoch=batch_in_epoch, step=global_step, best=best, partial=partial_stats,
-                    elapsed=clock["base"] + time.time() - clock["start"], **state_meta)
+                    elapsed=elapsed(), **state_meta)
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     _log0(rank, f"{cfg.model} ({n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(train_data)} train / "
@@ -326,7 +329,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     stopping = time_up = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            if limit and clock["now"] >= limit:  # resumed after the time limit was spent
+            if limit and spent["seconds"] >= limit:  # resumed after the time limit was spent
                 break
             model.train()
             batches = epoch_batches(len(train_data), cfg, epoch, world, rank)
@@ -368,8 +371,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                     stats["correct"] += (logits.argmax(-1) == hard).sum().item()
                     stats["seen"] += len(labels)
                 # all processes agree on stopping (a signal seen by any) and on a non-finite loss
-                flags = torch.tensor([float(bad_loss is not None), float(stop["signal"] is not None),
-                                      clock["base"] + time.time() - clock["start"]], dtype=torch.float64, device=device)
+                flags = torch.tensor([float(bad_loss is not None), float(stop["signal"] is not None), elapsed()],
+                                     dtype=torch.float64, device=device)
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[0] > 0:
@@ -377,8 +380,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                                         f"{epoch + 1}, step {global_step + 1}: lower lr (now {cfg.lr}), keep clip_grad "
                                         f"on, or set amp=off; the last good checkpoint {out / 'last.pt'} is untouched")
                 stopping = flags[1] > 0
-                clock["now"] = flags[2].item()
-                time_up = bool(limit) and clock["now"] >= limit
+                spent["seconds"] = flags[2].item()
+                time_up = bool(limit) and spent["seconds"] >= limit
                 if cfg.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
@@ -427,21 +430,17 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                 improved = False
                 if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
                     eval_start = time.time()
-                    result = evaluate(raw_model, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
-                                      amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
-                                      tta_shift=cfg.tta_shift)
-                    record.update(val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"])
-                    if ema is not None:
-                        r = evaluate(ema.module, val_data, info, batch_size=max(256, cfg.batch_size), device=device,
-                                     amp=dtype, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
-                                     tta_shift=cfg.tta_shift)
-                        record.update(val_loss_ema=r["loss"], val_top1_ema=r["top1"], val_top5_ema=r["top5"])
+                    for suffix, m in [("", raw_model)] + ([("_ema", ema.module)] if ema is not None else []):
+                        r = evaluate(m, val_data, info, batch_size=max(256, cfg.batch_size), device=device, amp=dtype,
+                                     channels_last=cfg.channels_last, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift)
+                        record.update({f"val_loss{suffix}": r["loss"], f"val_top1{suffix}": r["top1"],
+                                       f"val_top5{suffix}": r["top5"]})
                     record["eval_seconds"] = time.time() - eval_start
                     score = max(record["val_top1"], record.get("val_top1_ema", -1))
                     improved = score > best["val_top1"]
                     if improved:
                         best = {"val_top1": score, "epoch": epoch + 1}
-                record["elapsed_seconds"] = clock["base"] + time.time() - clock["start"]
+                record["elapsed_seconds"] = elapsed()
                 _print_epoch(record, epoch == start_epoch)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
