@@ -394,11 +394,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                 global_step += 1
                 # ---- feedback
                 if progress is not None:
-                    elapsed = stats["seconds"] + time.time() - tick
+                    busy = stats["seconds"] + time.time() - tick
                     progress.update(1)
                     progress.set_postfix(loss=f"{stats['loss'] / stats['seen']:.3f}",
                                          acc=f"{stats['correct'] / stats['seen']:.3f}",
-                                         img_s=f"{stats['seen'] * world / max(elapsed, 1e-9):.0f}",
+                                         img_s=f"{stats['seen'] * world / max(busy, 1e-9):.0f}",
                                          lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
                 if stopping and batch_index + 1 < steps_per_epoch:
                     stats["seconds"] += time.time() - tick

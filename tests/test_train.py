@@ -123,8 +123,10 @@ def test_batch_larger_than_data(tmp_path, fashion_dir):
 
 def test_time_limit_stretches_the_schedule_and_stops(tmp_path, fashion_dir):
     # 600 images / batch 32 = 18 steps per epoch; a limit far shorter than one epoch stops training after
-    # its first step, and the schedule, which follows the time spent, has then run to its end (lr 0)
-    summary = train(tiny_config(tmp_path, fashion_dir, epochs=50, time_limit=1e-6, tta_shift=1, tta_flip=True))
+    # its first step, and the schedule, which follows the time spent, has then run to its end (lr 0);
+    # the progress bar is on, as in a real run
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=50, time_limit=1e-6, tta_shift=1, tta_flip=True,
+                                progress=True))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["step"] == 1 and records[0]["lr"] == 0.0
     assert 0 <= records[0]["val_top1"] <= 1 and records[0]["rss_mib"] > 0
