@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -343,8 +344,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
             progress = None
             if rank == 0 and cfg.progress:
                 from tqdm import tqdm
+                # a terminal gets a live bar; a log file (nohup, a cluster's job log) one frame a minute
                 progress = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                unit="step", dynamic_ncols=True, leave=False)
+                                unit="step", dynamic_ncols=True, leave=False,
+                                mininterval=0.1 if sys.stderr.isatty() else 60.0)
             tick = time.time()
             micro_iter = iter(loader)
             for batch_index in range(first, steps_per_epoch):

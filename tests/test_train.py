@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import subprocess
 import sys
@@ -138,12 +139,16 @@ def test_time_limit_stretches_the_schedule_and_stops(tmp_path, fashion_dir):
 
 
 def test_every_epoch_is_logged_and_validated_every_eval_every(tmp_path, fashion_dir, capsys):
-    summary = train(tiny_config(tmp_path, fashion_dir, epochs=3, eval_every=2))
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=3, eval_every=2, progress=True))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert ["val_top1" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
     assert summary["final_val_top1"] == records[-1]["val_top1"]
-    assert len(capsys.readouterr().out.splitlines()) >= 4  # a header and a line per epoch
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) >= 4  # a header and a line per epoch
+    # stderr is no terminal here, as in a job log: the bar draws its first frame, then one a minute
+    frames = re.findall(r"\d+/18 \[", captured.err)
+    assert len(frames) == 3, frames  # one per epoch
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, fashion_dir):
