@@ -259,10 +259,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
 
     def elapsed() -> float:
         return time.time() - started
-    spent = {"seconds": elapsed()}  # the last value all processes agreed on
+    spent = elapsed()  # seconds: the last value all processes agreed on (read by schedule_step)
 
     def schedule_step(step: int) -> int:
-        return max(step, min(total_steps, round(spent["seconds"] / limit * total_steps))) if limit else step
+        return max(step, min(total_steps, round(spent / limit * total_steps))) if limit else step
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(schedule_step(s), total_steps, cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     stopping = time_up = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            if limit and spent["seconds"] >= limit:  # resumed after the time limit was spent
+            if limit and spent >= limit:  # resumed after the time limit was spent
                 break
             model.train()
             batches = epoch_batches(len(train_data), cfg, epoch, world, rank)
@@ -383,8 +383,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
                                         f"{epoch + 1}, step {global_step + 1}: lower lr (now {cfg.lr}), keep clip_grad "
                                         f"on, or set amp=off; the last good checkpoint {out / 'last.pt'} is untouched")
                 stopping = flags[1] > 0
-                spent["seconds"] = flags[2].item()
-                time_up = bool(limit) and spent["seconds"] >= limit
+                spent = flags[2].item()
+                time_up = bool(limit) and spent >= limit
                 if cfg.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -196,8 +199,6 @@ def test_property_shapes_and_fast_equals_plain(dim, depth, k, p, h, w, classes):
 
 
 def test_subnormals_flushed_in_every_thread_unless_turned_off():
-    import subprocess
-    import sys
     probe = ("import convmixer, torch; torch.set_num_threads(2); x = torch.full((1 << 22,), 1e-39); "
              "print(bool(((x * 1.0) == 0).all()))")
     env = dict(os.environ)

@@ -7,6 +7,7 @@ in activations and gradients.
 Run: python benchmarks/probes/denormals_late_training.py results/cifar10_90min_v2/model.safetensors
 Figures quoted in BENCHMARKS.md and RESULTS.md."""
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ def step_seconds(model, data):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]  # median, first step dropped
+    return statistics.median(times[1:])  # first step dropped
 
 
 def flushed_in_all_threads() -> bool:
