@@ -1,12 +1,12 @@
-"""ConvMixer ("Patches Are All You Need?"): models, training, evaluation and tools."""
-from .fastops import flush_denormals, tune_allocator
+"""ConvMixer ("Patches Are All You Need?"): models, training, evaluation and tools.
 
-tune_allocator()  # see fastops: halves eager CPU step time; CONVMIXER_NO_MALLOPT=1 turns it off
-flush_denormals()  # see fastops: keeps a trained model as fast as a fresh one; CONVMIXER_NO_FTZ=1 turns it off
-
-from .model import ConvMixer, VARIANTS, count_parameters, create_model, flops_per_image, list_models  # noqa: E402
-from .weights import WeightsError, load_weights, save_weights  # noqa: E402
+Importing the package changes nothing in the process; ``convmixer.tune_cpu()`` opts in to the CPU
+settings that the ``convmixer`` command applies to itself (see runtime.tune_cpu)."""
+from .errors import ConvMixerError, WeightsError
+from .model import ConvMixer, VARIANTS, count_parameters, create_model, flops_per_image, list_models
+from .runtime import tune_cpu
+from .weights import load_weights, save_weights
 
 __version__ = "0.1.0"
 __all__ = ["ConvMixer", "VARIANTS", "create_model", "list_models", "count_parameters", "flops_per_image",
-           "save_weights", "load_weights", "WeightsError", "__version__"]
+           "save_weights", "load_weights", "ConvMixerError", "WeightsError", "tune_cpu", "__version__"]

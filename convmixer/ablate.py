@@ -50,7 +50,9 @@ def cell_name(cell: dict) -> str:
 
 def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | None = None,
              full: bool = False) -> list[dict]:
+    from .run import read_metrics
     from .train import train
+    from .weights import atomic_write
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     budget = {} if full else dict(REDUCED)
@@ -64,8 +66,8 @@ def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | No
         command = "convmixer train" + (f" --config {base}" if base else "") + "".join(
             f" {k}={v}" for k, v in settings.items())
         record_path = cell_dir / "cell.json"
-        if record_path.is_file():
-            record = json.loads(record_path.read_text())
+        record = _read_cell(record_path)
+        if record is not None:
             print(f"[{i}/{len(cells)}] {name}: done before ({100 * record['val_top1']:.2f}%)")
             results.append(record)
             continue
@@ -73,20 +75,29 @@ def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | No
         resume = cell_dir / "last.pt" if (cell_dir / "last.pt").is_file() else None
         print(f"[{i}/{len(cells)}] {name}" + (" (resuming)" if resume else ""), flush=True)
         start = time.time()
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, overwrite=resume is None)  # the grid owns its cells' folders
         if summary.get("interrupted"):
             print("interrupted: run the same command again to continue")
             break
-        metrics = [json.loads(x) for x in (cell_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(cell_dir)
         record = dict(cell=cell, name=name, val_top1=summary["final_val_top1"], best_val_top1=summary["best_val_top1"],
                       params=summary["params"], seconds=time.time() - start,
                       images_per_second=sum(m["images_per_second"] for m in metrics) / len(metrics),
                       epochs=cfg.epochs, command=command)
-        record_path.write_text(json.dumps(record, indent=2))
+        atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
         results.append(record)
     if results:
         write_report(results, out, grid)
     return results
+
+
+def _read_cell(path: Path) -> dict | None:
+    """A finished cell's record; None when there is none, or it is unreadable (the cell is rerun)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("val_top1"), (int, float)) else None
 
 
 def write_report(results: list[dict], out: Path, grid: dict):

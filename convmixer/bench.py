@@ -101,13 +101,12 @@ def _sync(device):
 
 
 def candidates(model_name: str, device: torch.device, include_timm: bool = True) -> list[Candidate]:
-    from .train import amp_dtype
-    from .config import TrainConfig
+    from .runtime import amp_dtype
     v = VARIANTS[model_name]
     kwargs = dict(dim=v.dim, depth=v.depth, kernel_size=v.kernel_size, patch_size=v.patch_size,
                   num_classes=v.num_classes)
     act = nn.ReLU if v.act_layer == "relu" else nn.GELU
-    fast_dtype = amp_dtype(TrainConfig(), device)
+    fast_dtype = amp_dtype("auto", device)
     out = [Candidate("convmixer (default)", lambda: create_model(model_name), amp=fast_dtype, channels_last=True,
                      allocator=True)]
     if include_timm:
@@ -122,9 +121,8 @@ def candidates(model_name: str, device: torch.device, include_timm: bool = True)
 
 def breakdown(model_name: str, device: torch.device) -> list[Candidate]:
     """The default path with one speed-up taken away at a time: what each one is worth."""
-    from .config import TrainConfig
-    from .train import amp_dtype
-    fast_dtype = amp_dtype(TrainConfig(), device)
+    from .runtime import amp_dtype
+    fast_dtype = amp_dtype("auto", device)
     return [
         Candidate("- allocator setting", lambda: create_model(model_name), amp=fast_dtype, channels_last=True),
         Candidate("- fast depthwise bwd", lambda: create_model(model_name, fast=False), amp=fast_dtype,
@@ -137,6 +135,9 @@ def breakdown(model_name: str, device: torch.device) -> list[Candidate]:
 def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, infer_batch_size=256,
                   steps=10, warmup=3, device=None, include_timm=True, extra=(), with_breakdown=False) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model_name not in VARIANTS:
+        from .model import model_kwargs
+        model_kwargs(model_name)  # a one-line "unknown model ... did you mean" error
     img_size = img_size or VARIANTS[model_name].input_size
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

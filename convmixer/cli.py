@@ -63,56 +63,73 @@ def _add_config_flags(parser):
 
 
 def cmd_train(args):
-    from .config import make_config, parse_overrides
+    from pathlib import Path
+
+    from .config import make_config, parse_overrides, read_config_file, resume_config
+    from .run import load_checkpoint
     from .train import train
     overrides = parse_overrides(args.overrides)
     overrides.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
-    cfg = make_config(args.config, overrides)
+    if args.resume:  # the checkpoint's run, in its folder; what is given may only change what may change
+        if args.overwrite:
+            from .errors import ConfigError
+            raise ConfigError("--resume continues a run and --overwrite replaces one: pass only one of them")
+        ckpt = load_checkpoint(args.resume)
+        changes = {**(read_config_file(args.config) if args.config else {}), **overrides}
+        folder = str(Path(args.resume).parent)
+        if "out" in changes and Path(changes["out"]).resolve() != Path(folder).resolve():
+            from .errors import ConfigError
+            raise ConfigError(f"--resume continues the run in its own folder {folder}, not --out {changes['out']}: "
+                              f"drop --out (or copy the folder and resume from the copy)")
+        cfg = resume_config(ckpt["config"], {**changes, "out": folder}, ckpt["epoch"])
+    else:
+        cfg = make_config(args.config, overrides)
     if args.print_config:
         import yaml
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    result = train(cfg, resume=args.resume)
-    return 0 if result is not None else 1
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
 
 
 def cmd_eval(args):
     import torch
 
-    from .evaluate import evaluate, load_eval_data, load_for_inference
-    from .train import amp_dtype
-    model, info = load_for_inference(args.checkpoint)
+    from .evaluate import evaluate, load_eval_data
+    from .run import load_model
+    from .runtime import amp_dtype
+    model, info = load_model(args.checkpoint)
     data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                           args.skip_bad_images)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).to(memory_format=torch.channels_last)
-    from .config import TrainConfig
-    amp = None if args.fp32 else amp_dtype(TrainConfig(), device)
+    amp = None if args.fp32 else amp_dtype("auto", device)
     result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
                       tta_shift=args.tta_shift, workers=args.workers)
     result.update(dataset=dataset, split=split, checkpoint=args.checkpoint)
     if args.confusion_png:
         from .viz import plot_confusion
-        plot_confusion(result["confusion"], info["classes"], args.confusion_png)
+        plot_confusion(result["confusion"], info.classes, args.confusion_png)
     if args.json:
         print(json.dumps(result if args.full else {k: result[k] for k in ("top1", "top5", "n", "loss")}))
         return 0
     print(f"{dataset} {split}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
           f"loss {result['loss']:.4f}  ({result['n']} images)")
-    width = max(len(c) for c in info["classes"])
+    width = max(len(c) for c in info.classes)
     print("per-class accuracy:")
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
-    if len(info["classes"]) <= 20:
+    if len(info.classes) <= 20:
         print("confusion matrix (rows: true class, columns: predicted):")
-        for name, row in zip(info["classes"], result["confusion"]):
+        for name, row in zip(info.classes, result["confusion"]):
             print(f"  {name:<{width}} " + " ".join(f"{v:>5d}" for v in row))
     return 0
 
 
 def cmd_predict(args):
-    from .evaluate import load_for_inference, predict
-    model, info = load_for_inference(args.checkpoint)
+    from .evaluate import predict
+    from .run import load_model
+    model, info = load_model(args.checkpoint)
     results = predict(model, info, args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps(results))
@@ -142,13 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_summary)
 
+    from .config import CONFIG_DIR, RESUME_MUTABLE
+    shipped = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
     p = sub.add_parser("train", help="train a model (default: the authors' CIFAR-10 recipe)",
                        description="Train a ConvMixer. Settings come from --config (a YAML/TOML file or a "
-                                   "shipped config name: cifar10_script, cifar10_paper, fashion_mnist, "
-                                   "imagenet_1536_20, imagenet_768_32, imagenet_1024_20_p14), then from "
-                                   "--key value flags and key=value words.")
+                                   f"shipped config name: {shipped}), then from --key value flags and key=value "
+                                   "words. A run owns its --out folder: a folder that holds a run is refused "
+                                   "unless --overwrite, and --resume continues the checkpoint's run in its own "
+                                   f"folder with its own settings (only {', '.join(RESUME_MUTABLE)} may change).")
     p.add_argument("--config", default=None, help="YAML/TOML file or shipped config name")
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from <out>/last.pt")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue the run of this checkpoint (<out>/last.pt) with its own settings and folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     _add_config_flags(p)
@@ -203,6 +225,15 @@ def _version():
     return f"convmixer {__version__}"
 
 
+def _show_causes(error: BaseException):
+    """Undo ``raise ... from None`` along the chain, so --debug shows the original error too."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__suppress_context__ = False
+        error = error.__cause__ or error.__context__
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
@@ -214,27 +245,21 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .config import ConfigError
-    from .data import DataError
-    from .train import TrainingError
-    from .weights import WeightsError
+    from .errors import ConvMixerError
+    from .runtime import tune_cpu
+    tune_cpu()  # this command's own process only: importing the library changes nothing
     try:
         return args.func(args) or 0
     except BrokenPipeError:  # the reader went away (convmixer eval ... | head): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (ConfigError, DataError, WeightsError, TrainingError, ValueError, FileNotFoundError) as e:
+    except ConvMixerError as e:  # a problem the user can fix: one line; --debug shows where and why
         if args.debug:
+            _show_causes(e)
             raise
         print(f"convmixer {args.command}: error: {e}", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)
         return 2
-    except Exception as e:  # anything else: still one line, the traceback on request
-        if args.debug:
-            raise
-        print(f"convmixer {args.command}: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
-        print("(run with --debug for the full traceback; please report it)", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"convmixer {args.command}: interrupted", file=sys.stderr)
         return 130

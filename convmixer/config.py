@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration the run cannot start with; the message names the key and the fix."""
+# what --resume may change: how the run is executed and logged, and its length (epochs down to those done,
+# time_limit upwards)
+RESUME_MUTABLE = ("epochs", "time_limit", "workers", "progress", "tensorboard", "save_every", "eval_every",
+                  "data_dir", "download", "cache", "compile", "grad_checkpointing")
 
 
 @dataclass
@@ -96,11 +99,15 @@ class TrainConfig:
 
     def validate(self):
         from .data import DATASETS
-        from .model import VARIANTS, model_kwargs
-        try:
-            model_kwargs(self.model)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        from .model import VARIANTS
+        if self.model not in VARIANTS:
+            close = difflib.get_close_matches(self.model, VARIANTS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown model {self.model!r}{hint}; `convmixer models` lists them")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         choices = {"dataset": DATASETS, "schedule": ("onecycle", "cosine", "constant"),
                    "amp": ("auto", "bf16", "fp16", "off"), "norm": ("batchnorm", "layernorm"),
                    "activation": (None, "gelu", "relu", "silu")}
@@ -126,9 +133,11 @@ class TrainConfig:
         for key in ("peak_at", "scale_min", "crop_pct"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
-        for key in ("hflip", "random_erasing", "label_smoothing", "ema_decay"):
-            if not 0 <= getattr(self, key) < 1.0001:
+        for key in ("hflip", "random_erasing", "label_smoothing"):
+            if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 = off; 1 would never move), got {self.ema_decay}")
         patch = self.patch_size or VARIANTS[self.model].patch_size
         if self.img_size is not None and patch > self.img_size:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
@@ -225,3 +234,32 @@ def parse_overrides(items: list[str]) -> dict:
         key, value = item.split("=", 1)
         out[check_key(key.strip())] = value.strip()
     return out
+
+
+def resume_config(saved: dict, changes: dict, epochs_done: int = 0) -> TrainConfig:
+    """The config of a run being resumed: the checkpoint's own settings, with ``changes`` (the keys the
+    user gave explicitly) allowed only where RESUME_MUTABLE says so."""
+    base = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    values = dict(base)
+    for key, value in changes.items():
+        key = check_key(key)
+        values[key] = coerce(key, value)
+    cfg = TrainConfig(**values).validate()
+    check_resume(saved, cfg, epochs_done)
+    return cfg
+
+
+def check_resume(saved: dict, cfg: TrainConfig, epochs_done: int = 0):
+    """Refuse to resume a run with settings that cannot change mid-run (one line listing them)."""
+    differ = [f"{k} ({saved[k]!r} -> {v!r})" for k, v in dataclasses.asdict(cfg).items()
+              if k in saved and k not in RESUME_MUTABLE and k != "out" and saved[k] != v]
+    if differ:
+        raise ConfigError(f"--resume continues a run as it was configured, but these settings differ from its "
+                          f"checkpoint: {', '.join(differ)}; only {', '.join(RESUME_MUTABLE)} may change (start a new "
+                          f"run with --pretrained to change the others)")
+    if cfg.epochs < epochs_done:
+        raise ConfigError(f"epochs={cfg.epochs} is fewer than the {epochs_done} epochs this run has done: pass "
+                          f"--epochs {epochs_done} or more")
+    if saved.get("time_limit") and cfg.time_limit < saved["time_limit"]:
+        raise ConfigError(f"time_limit can only grow on --resume (the run has {saved['time_limit']} min), got "
+                          f"{cfg.time_limit}")

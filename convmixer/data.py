@@ -34,8 +34,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 
 
-class DataError(RuntimeError):
-    """A data set that cannot be read: missing, corrupt or in an unexpected format."""
+from .errors import DataError
 
 
 @dataclass
@@ -321,22 +320,9 @@ def split_train_val(data: ImageData, val_size: float, seed: int = 0) -> tuple[Im
 
 
 # --- pipelines ------------------------------------------------------------------------------------
-@dataclass
-class AugmentConfig:
-    img_size: int = 32
-    scale_min: float = 1.0          # random-resized-crop scale range (scale_min, 1)
-    hflip: float = 0.5
-    randaugment_n: int = 0          # 0 = off
-    randaugment_m: int = 9
-    color_jitter: float = 0.0
-    random_erasing: float = 0.0
-    mixup: float = 0.0              # mixup alpha; 0 = off
-    cutmix: float = 0.0             # CutMix alpha; 0 = off
-    crop_pct: float = 1.0           # evaluation: resize to img_size / crop_pct, centre-crop img_size
-
-
-def train_transform(cfg: AugmentConfig, mean, std) -> v2.Compose:
-    steps = [v2.RandomResizedCrop(cfg.img_size, scale=(cfg.scale_min, 1.0), antialias=True)]
+def train_transform(cfg, img_size: int, mean, std) -> v2.Compose:
+    """The per-image training augmentation of a TrainConfig ``cfg``."""
+    steps = [v2.RandomResizedCrop(img_size, scale=(cfg.scale_min, 1.0), antialias=True)]
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.randaugment_n > 0:
@@ -349,13 +335,15 @@ def train_transform(cfg: AugmentConfig, mean, std) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def eval_transform(cfg: AugmentConfig, mean, std) -> v2.Compose:
-    resize = int(round(cfg.img_size / cfg.crop_pct))
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(cfg.img_size),
+def eval_transform(img_size: int, crop_pct: float, mean, std) -> v2.Compose:
+    """The one evaluation preprocessing (per image or on a whole uint8 batch): resize the short side
+    to img_size / crop_pct, centre-crop img_size, normalise."""
+    resize = int(round(img_size / crop_pct))
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(img_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def batch_mixer(cfg: AugmentConfig, num_classes: int):
+def batch_mixer(cfg, num_classes: int):
     """mixup / CutMix on a whole batch (labels become soft), one of them picked per batch."""
     mixers = []
     if cfg.mixup > 0:
@@ -393,13 +381,12 @@ class TransformedImages(torch.utils.data.Dataset):
         return self.transform(img), self.data.labels[i]
 
 
-def fast_eval_batches(data: ImageData, batch_size: int, mean, std, img_size: int):
-    """Evaluation batches straight from a decoded uint8 tensor (no per-image work)."""
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
-    for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size].float().div_(255)
-        if x.shape[-1] != img_size or x.shape[-2] != img_size:
-            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
-                                                align_corners=False)
-        yield (x - mean_t) / std_t, data.labels[start:start + batch_size]
+def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0):
+    """(images, labels) batches for evaluation: decoded sets are transformed a whole batch at a time,
+    files one image at a time in DataLoader workers; the same transform either way."""
+    if data.images is not None:
+        for start in range(0, len(data), batch_size):
+            yield transform(data.images[start:start + batch_size]), data.labels[start:start + batch_size]
+        return
+    yield from torch.utils.data.DataLoader(TransformedImages(data, transform), batch_size=batch_size,
+                                           num_workers=workers)

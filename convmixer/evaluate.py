@@ -1,25 +1,17 @@
 """Evaluation (top-1/top-5, per-class accuracy, confusion matrix) and prediction on image files."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from .data import (AugmentConfig, ImageData, TransformedImages, decode, eval_transform, fast_eval_batches,
-                   load_dataset, split_train_val)
+from .data import ImageData, decode, eval_batches, eval_transform, load_dataset, split_train_val
+from .errors import ConfigError, DataError
 from .model import ConvMixer
-from .weights import WeightsError, load_into, read_metadata, read_state_dict
+from .run import RunInfo
 
 
-def _batches(data: ImageData, info: dict, batch_size: int, workers: int = 0):
-    if data.images is not None:
-        yield from fast_eval_batches(data, batch_size, info["mean"], info["std"], info["img_size"])
-        return
-    aug = AugmentConfig(img_size=info["img_size"], crop_pct=info.get("crop_pct", 0.875))
-    dataset = TransformedImages(data, eval_transform(aug, info["mean"], info["std"]))
-    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+def info_transform(info: RunInfo):
+    return eval_transform(info.img_size, info.crop_pct, info.mean, info.std)
 
 
 def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torch.Tensor]:
@@ -35,7 +27,7 @@ def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torc
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: int = 256, device="cpu",
+def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size: int = 256, device="cpu",
              amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
              workers: int = 0, tta_shift: int = 0) -> dict:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
@@ -45,14 +37,16 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: in
     border), so 1, 2, 3 or 6 views in all.
     """
     if tta_shift < 0:
-        raise ValueError(f"tta_shift must be 0 (off) or a number of pixels, got {tta_shift}")
+        raise ConfigError(f"tta_shift must be 0 (off) or a number of pixels, got {tta_shift}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    num_classes = len(info["classes"])
+    num_classes = len(info.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
-    for images, labels in _batches(data, info, batch_size, workers):
+    for images, labels in eval_batches(data, batch_size, info_transform(info), workers):
         images = images.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -70,79 +64,48 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: dict, batch_size: in
         n += len(labels)
     model.train(was_training)
     if n == 0:
-        raise ValueError("the evaluation set is empty")
+        raise DataError("the evaluation set is empty: point --data-dir/--split at images")
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     return {"top1": confusion.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
-            "per_class": dict(zip(info["classes"], per_class)), "confusion": confusion.tolist()}
+            "per_class": dict(zip(info.classes, per_class)), "confusion": confusion.tolist()}
 
 
-def load_for_inference(checkpoint: str | Path, num_classes: int | None = None) -> tuple[ConvMixer, dict]:
-    """A model and its data info (classes, mean/std, image size) from a training checkpoint (.pt)
-    or weights written by ``convmixer train`` (.safetensors with metadata)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        meta = read_metadata(path)
-        if "model_args" not in meta:
-            raise WeightsError(f"{path} has no model description in its metadata (not written by convmixer "
-                               f"train); build the model with convmixer.create_model and load_weights")
-        info = {k: json.loads(meta[k]) for k in ("model_args", "classes", "mean", "std")}
-        info["img_size"] = int(meta["img_size"])
-        info["dataset"] = meta.get("dataset", "")
-        info["config"] = json.loads(meta.get("config", "{}"))
-        info["crop_pct"] = info["config"].get("crop_pct", 1.0)
-        state = read_state_dict(path)
-    else:
-        from .train import TrainingError, load_checkpoint
-        try:
-            ckpt = load_checkpoint(path)
-        except TrainingError as e:
-            raise WeightsError(str(e)) from None
-        info = {k: ckpt[k] for k in ("model_args", "classes", "mean", "std", "img_size", "dataset", "config")}
-        info["crop_pct"] = ckpt.get("crop_pct", 1.0)
-        state = ckpt["model"]
-    args = dict(info["model_args"])
-    model = ConvMixer(**args)
-    load_into(model, state, strict=True, source=str(path))
-    if num_classes is not None and num_classes != args["num_classes"]:
-        raise WeightsError(f"{path} has a {args['num_classes']}-class head but --num-classes is {num_classes}")
-    return model.eval(), info
-
-
-def load_eval_data(info: dict, dataset=None, data_dir=None, split=None, val_split=None,
+def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_split=None,
                    skip_bad_images=False) -> tuple[ImageData, str, str]:
     """The images to evaluate a run's model on. Defaults come from the run's config: its data set and
     folder, and ``split="val"`` (the same seeded split of the training set) when it trained with one,
     else the test split."""
-    cfg = info.get("config") or {}
-    dataset = dataset or info.get("dataset") or cfg.get("dataset")
+    cfg = info.config
+    dataset = dataset or info.dataset or cfg.get("dataset")
+    if not dataset:
+        raise ConfigError("this model does not say which data it was trained on: pass --dataset and --data-dir")
     data_dir = data_dir or cfg.get("data_dir", "data")
     split = split or ("val" if cfg.get("val_split", 0) else "test")
-    kwargs = dict(img_size=info["img_size"], download=False, skip_bad_images=skip_bad_images)
+    kwargs = dict(img_size=info.img_size, download=False, skip_bad_images=skip_bad_images)
     if split == "test":
         data = load_dataset(dataset, data_dir, train=False, **kwargs)
     else:
         data = load_dataset(dataset, data_dir, train=True, **kwargs)
         if split == "val":
             data = split_train_val(data, val_split or cfg.get("val_split", 5000), seed=cfg.get("seed", 0))[1]
-    if list(data.classes) != list(info["classes"]):
-        raise ValueError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info['classes'][:4]}...: "
-                         f"use a folder with the same class names")
+    if list(data.classes) != list(info.classes):
+        raise DataError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info.classes[:4]}...: "
+                        f"use a folder with the same class names")
     return data, dataset, split
 
 
 @torch.no_grad()
-def predict(model: ConvMixer, info: dict, files: list[str], top_k: int = 5, device="cpu") -> list[dict]:
+def predict(model: ConvMixer, info: RunInfo, files: list[str], top_k: int = 5, device="cpu") -> list[dict]:
     """Top-k classes with probabilities for image files of any size and mode."""
-    aug = AugmentConfig(img_size=info["img_size"], crop_pct=info.get("crop_pct", 1.0))
-    transform = eval_transform(aug, info["mean"], info["std"])
+    if top_k < 1:
+        raise ConfigError(f"top-k must be at least 1, got {top_k}")
+    transform = info_transform(info)
     model.eval().to(device)
     results = []
     for f in files:
         x = transform(decode(f, model.in_chans)).unsqueeze(0).to(device)
         probs = model(x).softmax(-1)[0].cpu()
         p, idx = probs.topk(min(top_k, len(probs)))
-        results.append({"file": str(f), "top": [{"class": info["classes"][i], "index": i, "probability": v}
+        results.append({"file": str(f), "top": [{"class": info.classes[i], "index": i, "probability": v}
                                                 for v, i in zip(p.tolist(), idx.tolist())]})
     return results

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 
-def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, check: bool = True) -> dict:
+
+def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, check: bool = True,
+           metadata: dict | None = None) -> dict:
     """Write ``model`` in ``fmt`` (onnx | torchscript | safetensors). ONNX and TorchScript use the
     plain depthwise op (the fast one only changes the backward pass) and a dynamic batch size."""
     out = Path(out)
@@ -18,7 +21,7 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
         expected = model(x)
     if fmt == "safetensors":
         from .weights import save_weights
-        save_weights(model, out)
+        save_weights(model, out, metadata)
         return {"path": str(out)}
     if fmt == "torchscript":
         with torch.no_grad():
@@ -28,11 +31,11 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
         diff = (torch.jit.load(str(out))(x) - expected).abs().max().item()
         return {"path": str(out), "max_abs_diff": diff}
     if fmt != "onnx":
-        raise ValueError(f"unknown export format {fmt!r}: choose onnx, torchscript or safetensors")
+        raise ConfigError(f"unknown export format {fmt!r}: choose onnx, torchscript or safetensors")
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise ValueError("ONNX export needs the onnx package: pip install 'convmixer[export]'") from None
+        raise ConfigError("ONNX export needs the onnx package: pip install 'convmixer[export]'") from None
     from .weights import atomic_write
     atomic_write(out, lambda tmp: torch.onnx.export(
         model, (x,), tmp, input_names=["images"], output_names=["logits"], opset_version=opset,
@@ -50,9 +53,9 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
 
 
 def cmd_export(args):
-    from .evaluate import load_for_inference
-    model, info = load_for_inference(args.checkpoint)
-    result = export(model, args.out, args.format, args.img_size or info["img_size"])
+    from .run import load_model
+    model, info = load_model(args.checkpoint)
+    result = export(model, args.out, args.format, args.img_size or info.img_size, metadata=info.to_metadata())
     line = f"wrote {result['path']}"
     if "max_abs_diff" in result:
         line += f" (max |difference| from PyTorch on a test batch: {result['max_abs_diff']:.2e})"

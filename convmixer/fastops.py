@@ -14,6 +14,9 @@
    cores handle in a slow microcode path: a trained ConvMixer-256/8 trained at 176 img/s against
    248 for a fresh one. Flushing them to zero (FTZ/DAZ) restores 225 img/s; values below 1.2e-38
    become 0, which no training step notices.
+
+Importing this module changes nothing; ``runtime.tune_cpu()`` applies 2 and 3 (the ``convmixer``
+command does so for itself).
 """
 from __future__ import annotations
 
@@ -109,9 +112,9 @@ def tune_allocator() -> bool:
 
 
 def flush_denormals() -> bool:
-    """Treat subnormal floats as zero on this CPU (x86 FTZ/DAZ; ARM FZ). The flag is per thread and a
-    thread inherits it when it starts, so this is set at import, before torch starts its thread pool.
-    Skipped when CONVMIXER_NO_FTZ=1."""
+    """Treat subnormal floats as zero in this thread (x86 FTZ/DAZ; ARM FZ); threads started later
+    inherit it (runtime.tune_cpu also reaches torch's running worker threads). Skipped when
+    CONVMIXER_NO_FTZ=1."""
     if os.environ.get("CONVMIXER_NO_FTZ") == "1":
         return False
     return torch.set_flush_denormal(True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import ModelError
 from .fastops import depthwise_conv2d
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -54,7 +55,7 @@ class DepthwiseConv2d(nn.Conv2d):
 def _make_act(act_layer) -> nn.Module:
     if isinstance(act_layer, str):
         if act_layer.lower() not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {act_layer!r}: choose one of {sorted(ACTIVATIONS)}")
+            raise ModelError(f"unknown activation {act_layer!r}: choose one of {sorted(ACTIVATIONS)}")
         return ACTIVATIONS[act_layer.lower()]()
     return act_layer()
 
@@ -78,11 +79,15 @@ class ConvMixer(nn.Module):
         for name, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size),
                             ("patch_size", patch_size), ("in_chans", in_chans)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ModelError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0 = feature extractor), got {num_classes!r}")
+            raise ModelError(f"num_classes must be an integer >= 0 (0 = feature extractor), got {num_classes!r}")
         if norm_layer not in NORMS:
-            raise ValueError(f"unknown norm_layer {norm_layer!r}: choose one of {sorted(NORMS)}")
+            raise ModelError(f"unknown norm_layer {norm_layer!r}: choose one of {sorted(NORMS)}")
+        # the constructor arguments, recorded by save_weights so a weights file rebuilds its model
+        self.model_args = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
+                               in_chans=in_chans, num_classes=num_classes, act_layer=act_layer, drop_rate=drop_rate,
+                               residual=residual, norm_layer=norm_layer) if isinstance(act_layer, str) else None
         norm = NORMS[norm_layer]
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dim
@@ -127,13 +132,15 @@ class ConvMixer(nn.Module):
     def reset_classifier(self, num_classes: int):
         device = self.stem[0].weight.device
         self.num_classes = num_classes
+        if self.model_args is not None:
+            self.model_args["num_classes"] = num_classes
         self.head = nn.Linear(self.dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor):
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a batch of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+            raise ModelError(f"expected a batch of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
-            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the patch size "
+            raise ModelError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the patch size "
                              f"{self.patch_size}: resize the images to at least {self.patch_size} px")
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +256,7 @@ def model_kwargs(name: str) -> dict:
         import difflib
         close = difflib.get_close_matches(name, VARIANTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; `convmixer models` lists them")
+        raise ModelError(f"unknown model {name!r}{hint}; `convmixer models` lists them")
     v = VARIANTS[name]
     return dict(dim=v.dim, depth=v.depth, kernel_size=v.kernel_size, patch_size=v.patch_size,
                 act_layer=v.act_layer, num_classes=v.num_classes)
@@ -264,6 +271,7 @@ def create_model(name: str, pretrained=False, **overrides) -> ConvMixer:
     kwargs.update(overrides)
     model = ConvMixer(**kwargs)
     model.pretrained_cfg = VARIANTS[name]
+    model.model_name = name
     if pretrained:
         from .weights import load_pretrained
         load_pretrained(model, name if pretrained is True else pretrained, variant=VARIANTS[name])

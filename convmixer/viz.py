@@ -1,11 +1,13 @@
 """``convmixer viz``: pictures of what a model learned and how its training went (matplotlib PNGs)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
+
+from .errors import ConfigError
+from .run import read_metrics
 
 
 def _plt():
@@ -63,15 +65,6 @@ def plot_depthwise_kernels(model, path, layers=None, max_kernels: int = 64):
     fig.suptitle(f"depthwise {model.kernel_size}x{model.kernel_size} kernels (first {max_kernels} channels)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-
-
-def read_metrics(path) -> list[dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_curves(runs: dict, path):
@@ -132,19 +125,19 @@ def cmd_viz(args):
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.checkpoint:
-        from .evaluate import load_for_inference
-        model, info = load_for_inference(args.checkpoint)
+        from .run import load_model
+        model, info = load_model(args.checkpoint)
         plot_patch_filters(model, out / "patch_filters.png")
         layers = [int(i) - 1 for i in args.layers.split(",")] if args.layers else None
         if layers and not all(0 <= i < model.depth for i in layers):
-            raise ValueError(f"--layers must be between 1 and {model.depth}")
+            raise ConfigError(f"--layers must be between 1 and {model.depth}")
         plot_depthwise_kernels(model, out / "depthwise_kernels.png", layers)
         written += ["patch_filters.png", "depthwise_kernels.png"]
         if args.confusion:
             from .evaluate import evaluate, load_eval_data
             data, _, _ = load_eval_data(info, args.dataset, args.data_dir, args.split)
             result = evaluate(model.to(memory_format=torch.channels_last), data, info)
-            plot_confusion(result["confusion"], info["classes"], out / "confusion.png")
+            plot_confusion(result["confusion"], info.classes, out / "confusion.png")
             written.append("confusion.png")
     runs = list(args.runs or [])
     if args.checkpoint and not runs and (Path(args.checkpoint).parent / "metrics.jsonl").is_file():
@@ -154,7 +147,7 @@ def cmd_viz(args):
                     out / "curves.png")
         written.append("curves.png")
     if not written:
-        raise ValueError("nothing to draw: pass --checkpoint and/or --runs")
+        raise ConfigError("nothing to draw: pass --checkpoint and/or --runs")
     for name in written:
         print(out / name)
     return 0

@@ -12,8 +12,7 @@ import torch
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
-class WeightsError(RuntimeError):
-    """A weights file that cannot be used: missing, corrupt, unsafe or for another model."""
+from .errors import WeightsError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -136,18 +135,25 @@ def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, sou
     if strict or len(replaceable) != len(skipped) or unexpected:
         hint = ""
         if "head." in problem:
-            hint = (" (the classifier differs: pass the checkpoint's --num-classes, or strict=False to "
-                    "fine-tune a new head)")
+            hint = (" (the classifier differs: build the model with the file's num_classes, or load with "
+                    "strict=False to fine-tune a new head)")
         raise WeightsError(f"{source} do not fit this model: {problem}{hint}")
     model.load_state_dict(fitting, strict=False)
     return skipped
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write the model's state dict as safetensors (atomically)."""
+    """Write the model's state dict as safetensors (atomically). A ConvMixer also records its
+    architecture (and its variant's name), so every ``convmixer`` command can rebuild it."""
+    import json
+
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta = {}
+    if isinstance(getattr(model, "model_args", None), dict):
+        meta["model_args"] = json.dumps(model.model_args)
+        meta["model_name"] = getattr(model, "model_name", "")
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 

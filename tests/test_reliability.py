@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from convmixer.cli import main
-from convmixer.config import make_config
+from convmixer.config import ConfigError, make_config
 from convmixer.data import DataError, load_dataset
 from convmixer.train import TrainingError, load_checkpoint, train
 from convmixer.weights import atomic_write
@@ -48,8 +48,9 @@ def test_disk_full_while_checkpointing(tmp_path, fashion_dir, monkeypatch):
     def no_space(obj, f, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(train_module.torch, "save", no_space)
-    with pytest.raises(TrainingError, match="No space left on device.*previous one is intact.*--resume"):
-        train(cfg(tmp_path, fashion_dir, epochs=1))
+    with pytest.raises(TrainingError, match=r"last.pt \(No space left on device; .* MiB free, about .* MiB needed\); "
+                                            r"the previous file is intact.*--resume"):
+        train(cfg(tmp_path, fashion_dir, epochs=2), resume=tmp_path / "run" / "last.pt")
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
 
 
@@ -89,7 +90,7 @@ def test_kill_9_leaves_last_complete_checkpoint_loadable(tmp_path, fashion_dir):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, fashion_dir, capsys):
     train(cfg(tmp_path, fashion_dir, epochs=1))
-    with pytest.raises(TrainingError, match="another model"):
+    with pytest.raises(ConfigError, match=r"differ from its checkpoint: dim \(16 -> 24\)"):
         train(cfg(tmp_path, fashion_dir, epochs=2, dim=24), resume=tmp_path / "run" / "last.pt")
 
 

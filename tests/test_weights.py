@@ -60,7 +60,7 @@ def test_pretrained_local_file_and_new_head(tmp_path):
 
 def test_mismatch_names_tensors_and_hint(tmp_path):
     save_weights(small(num_classes=4), tmp_path / "w.safetensors")
-    with pytest.raises(WeightsError, match=r"head\.weight.*num-classes"):
+    with pytest.raises(WeightsError, match=r"head\.weight.*num_classes"):
         load_weights(small(num_classes=7), tmp_path / "w.safetensors")
     load_weights(small(num_classes=7), tmp_path / "w.safetensors", strict=False)  # fine-tuning a new head
     with pytest.raises(WeightsError, match="missing"):

@@ -1,0 +1,306 @@
+"""A training run's folder and every file in it: one owner for each format.
+
+    <out>/config.yaml        the resolved settings           (write_config / read by --resume via last.pt)
+    <out>/metrics.jsonl      one JSON line per epoch          (append_metrics, read_metrics, truncate_metrics)
+    <out>/last.pt            everything needed to resume      (save_checkpoint, load_checkpoint)
+    <out>/*.safetensors      weights + RunInfo metadata       (save_run_weights, load_model)
+    <out>/summary.json       the final summary                (write_summary)
+    <out>/.lock              held while a process trains here (RunFolder)
+
+``RunInfo`` is what a model needs beside its weights to be used (architecture, classes,
+preprocessing); checkpoints and weight files carry it, and eval/predict/viz/export read it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import TrainingError, WeightsError
+from .weights import atomic_write, load_into, read_metadata, read_state_dict, save_weights, torch_load_safely
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.safetensors", "model.safetensors", "summary.json")
+# what a file's metadata may ask us to build (a 25 KB file must not make us allocate 160 GB)
+LIMITS = {"dim": 8192, "depth": 256, "kernel_size": 63, "patch_size": 64, "in_chans": 64, "num_classes": 100_000,
+          "img_size": 4096}
+
+
+# --- what a model needs beside its weights ----------------------------------------------------------
+@dataclass
+class RunInfo:
+    model_args: dict                 # ConvMixer(**model_args) builds the architecture
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    img_size: int
+    crop_pct: float = 1.0            # evaluation: resize to img_size / crop_pct, centre-crop img_size
+    model_name: str = ""
+    dataset: str = ""
+    config: dict = field(default_factory=dict)  # the training config, when a run made it
+
+    def to_metadata(self, metrics: dict | None = None) -> dict[str, str]:
+        """safetensors metadata (string values)."""
+        return {"model_args": json.dumps(self.model_args), "model_name": self.model_name,
+                "classes": json.dumps(self.classes), "mean": json.dumps(self.mean), "std": json.dumps(self.std),
+                "img_size": str(self.img_size), "crop_pct": str(self.crop_pct), "dataset": self.dataset,
+                "config": json.dumps(self.config), "metrics": json.dumps(metrics or {})}
+
+    @classmethod
+    def from_dict(cls, d: dict, source) -> "RunInfo":
+        """From a checkpoint's entries or decoded metadata; older files lack crop_pct (taken from config)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {k: d[k] for k in names if k in d}
+        values.setdefault("crop_pct", (d.get("config") or {}).get("crop_pct", 1.0))
+        try:
+            info = cls(**values)
+            info.classes, info.mean, info.std = list(info.classes), list(info.mean), list(info.std)
+            info.img_size, info.crop_pct = int(info.img_size), float(info.crop_pct)
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{source} has an incomplete or malformed model description ({e}): "
+                               f"re-export it with convmixer") from None
+        info.check(source)
+        return info
+
+    @classmethod
+    def from_metadata(cls, meta: dict, source) -> "RunInfo":
+        """From safetensors metadata: a run's weights, or weights saved by ``convmixer.save_weights``
+        (architecture only: classes are numbered and preprocessing is the variant's, if named)."""
+        if "model_args" not in meta:
+            raise WeightsError(f"{source} has no model description in its metadata (not written by convmixer): "
+                               f"build the model with convmixer.create_model and load it with load_weights")
+        try:
+            d = {k: json.loads(meta[k]) for k in ("model_args", "classes", "mean", "std", "config") if k in meta}
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{source} has malformed metadata ({e}): re-export it with convmixer") from None
+        d.update({k: meta[k] for k in ("img_size", "crop_pct", "model_name", "dataset") if meta.get(k)})
+        if "classes" not in d:
+            d.update(_variant_preprocessing(d.get("model_name", ""), d["model_args"]))
+        return cls.from_dict(d, source)
+
+    def check(self, source):
+        args = self.model_args
+        if not isinstance(args, dict):
+            raise WeightsError(f"{source}: model_args must be a mapping, got {type(args).__name__}")
+        for key, limit in LIMITS.items():
+            value = self.img_size if key == "img_size" else args.get(key, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or not (0 if key == "num_classes" else 1) <= value <= limit:
+                raise WeightsError(f"{source}: {key}={value!r} is outside 1..{limit}: the file is corrupt or not "
+                                   f"a convmixer model")
+        if len(self.classes) != args.get("num_classes", len(self.classes)):
+            raise WeightsError(f"{source} names {len(self.classes)} classes for a {args.get('num_classes')}-class "
+                               f"head: the file is inconsistent")
+        channels = args.get("in_chans", 3)
+        if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0:
+            raise WeightsError(f"{source}: mean/std must have {channels} entries with std > 0")
+
+
+def _variant_preprocessing(model_name: str, model_args: dict) -> dict:
+    from .model import VARIANTS
+    v = VARIANTS.get(model_name)
+    channels = model_args.get("in_chans", 3)
+    mean, std = (list(v.mean), list(v.std)) if v else ([0.5] * 3, [0.5] * 3)
+    if len(mean) != channels:
+        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    return dict(classes=[str(i) for i in range(model_args.get("num_classes", 0))], mean=mean, std=std,
+                img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else 1.0)
+
+
+def _check_shapes(args: dict, state: dict, source):
+    """The architecture the metadata describes against the tensors actually in the file, before
+    anything is built."""
+    stem = state.get("stem.0.weight")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    dw = state.get("blocks.0.0.fn.0.weight")
+    expect = {"dim": stem.shape[0] if stem is not None else None,
+              "in_chans": stem.shape[1] if stem is not None else None,
+              "patch_size": stem.shape[-1] if stem is not None else None, "depth": depth,
+              "kernel_size": dw.shape[-1] if dw is not None else None}
+    wrong = [f"{k}={args.get(k)} but the tensors say {v}" for k, v in expect.items()
+             if v is not None and args.get(k, 3 if k == "in_chans" else None) != v]
+    if stem is None or wrong:
+        raise WeightsError(f"{source}: its metadata does not match its tensors "
+                           f"({'; '.join(wrong) or 'no stem.0.weight'}): the file is corrupt")
+
+
+def load_model(path: str | Path):
+    """A model (eval mode) and its RunInfo from a run's weights (.safetensors), a training checkpoint
+    (.pt) or weights saved with ``convmixer.save_weights``."""
+    from .model import ConvMixer
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        info = RunInfo.from_metadata(read_metadata(path), path)
+        state = read_state_dict(path)
+    else:
+        try:
+            ckpt = load_checkpoint(path)
+        except TrainingError as e:
+            raise WeightsError(str(e)) from e
+        info, state = RunInfo.from_dict(ckpt, path), ckpt["model"]
+    _check_shapes(info.model_args, state, path)
+    model = ConvMixer(**info.model_args)
+    load_into(model, state, strict=True, source=str(path))
+    return model.eval(), info
+
+
+def save_run_weights(model: torch.nn.Module, path: Path, info: RunInfo, record: dict | None = None):
+    try:
+        save_weights(model, path, info.to_metadata(record))
+    except (OSError, RuntimeError) as e:
+        raise write_error(path, e, _tensor_bytes(model.state_dict())) from e
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict):
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise write_error(path, e, _tensor_bytes(state)) from e
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"checkpoint not found: {path}")
+    ckpt = torch_load_safely(path, TrainingError)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt or "config" not in ckpt:
+        raise TrainingError(f"{path} is not a convmixer training checkpoint (for plain weights use eval/predict)")
+    return ckpt
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 64
+
+
+def write_error(path: Path, error: BaseException, need: int) -> TrainingError:
+    """One line for a failed write: the file, why, the space free and needed; nothing was replaced."""
+    reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return TrainingError(f"could not write {path} ({reason}; {free}, about {need / 2 ** 20:.1f} MiB needed); "
+                         f"the previous file is intact: free space or fix permissions, then --resume "
+                         f"{path.parent / 'last.pt'}")
+
+
+# --- metrics.jsonl ---------------------------------------------------------------------------------
+def read_metrics(path: str | Path) -> list[dict]:
+    """The epoch records of a run (its folder or its metrics.jsonl); a line cut short by a crash is
+    ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise TrainingError(f"no metrics file at {path}: pass a run folder or its metrics.jsonl")
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
+
+
+def append_metrics(path: Path, record: dict):
+    line = json.dumps(record) + "\n"
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as e:
+        raise write_error(path, e, len(line)) from e
+
+
+def truncate_metrics(path: Path, epoch: int, record: dict | None = None):
+    """On resume: drop the lines the resumed run will write again (and a cut-short line), and restore
+    the checkpoint's own last record if a failed write lost it."""
+    keep = [r for r in read_metrics(path) if r["epoch"] <= epoch] if path.exists() else []
+    if record and record.get("epoch") == epoch and (not keep or keep[-1]["epoch"] < epoch):
+        keep.append(record)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+
+def write_summary(path: Path, summary: dict):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+
+
+def write_config(path: Path, config: dict):
+    import yaml
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+# --- the folder ---------------------------------------------------------------------------------------
+class RunFolder:
+    """Exclusive use of a run folder. ``open`` refuses a folder that another process is training in
+    (the lock names its pid and host; the kernel drops it when that process dies, kill -9 included),
+    refuses to start a new run over an existing one unless ``overwrite``, and removes temporaries
+    that a killed write left behind."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = None
+
+    def open(self, resume: bool, overwrite: bool = False) -> "RunFolder":
+        import fcntl
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainingError(f"--out {self.path} is a file, not a folder: choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path / ".lock", "a+")
+        except OSError as e:
+            raise TrainingError(f"cannot create the run folder {self.path} ({e.strerror}): choose another --out "
+                                f"or fix its permissions") from e
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise TrainingError(f"{self.path} is in use by a running training ({holder}): wait for it, stop it, "
+                                f"or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        self._lock = lock
+        try:
+            self._prepare(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _prepare(self, resume: bool, overwrite: bool):
+        for tmp in self.path.glob(".*.tmp"):  # left by a write that was killed (we hold the lock)
+            tmp.unlink(missing_ok=True)
+        if resume:
+            return
+        existing = [name for name in RUN_FILES if (self.path / name).exists()]
+        existing += sorted(p.name for p in self.path.glob("epoch_*.pt"))
+        if existing and not overwrite:
+            hint = (f"continue it with --resume {self.path / 'last.pt'}, " if (self.path / "last.pt").exists() else "")
+            raise TrainingError(f"{self.path} already holds a run ({', '.join(existing[:4])}): {hint}choose another "
+                                f"--out, or pass --overwrite to replace it")
+        for name in existing:
+            (self.path / name).unlink()
+        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+
+    def close(self):
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
