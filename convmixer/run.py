@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainConfig
 from .errors import TrainingError, WeightsError
 from .weights import atomic_write, load_into, read_metadata, read_state_dict, save_weights, torch_load_safely
 
@@ -39,7 +40,7 @@ class RunInfo:
     mean: list[float]
     std: list[float]
     img_size: int
-    crop_pct: float = 1.0            # evaluation: resize to img_size / crop_pct, centre-crop img_size
+    crop_pct: float                  # evaluation: resize to img_size / crop_pct, centre-crop img_size
     model_name: str = ""
     dataset: str = ""
     config: dict = field(default_factory=dict)  # the training config, when a run made it
@@ -56,7 +57,7 @@ class RunInfo:
         """From a checkpoint's entries or decoded metadata; older files lack crop_pct (taken from config)."""
         names = [f.name for f in dataclasses.fields(cls)]
         values = {k: d[k] for k in names if k in d}
-        values.setdefault("crop_pct", (d.get("config") or {}).get("crop_pct", 1.0))
+        values.setdefault("crop_pct", (d.get("config") or {}).get("crop_pct", TrainConfig.crop_pct))
         try:
             info = cls(**values)
             info.classes, info.mean, info.std = list(info.classes), list(info.mean), list(info.std)
@@ -108,7 +109,7 @@ def _variant_preprocessing(model_name: str, model_args: dict) -> dict:
     if len(mean) != channels:
         mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
     return dict(classes=[str(i) for i in range(model_args.get("num_classes", 0))], mean=mean, std=std,
-                img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else 1.0)
+                img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else TrainConfig.crop_pct)
 
 
 def _check_shapes(args: dict, state: dict, source):
@@ -130,9 +131,14 @@ def _check_shapes(args: dict, state: dict, source):
 
 def load_model(path: str | Path):
     """A model (eval mode) and its RunInfo from a run's weights (.safetensors), a training checkpoint
-    (.pt) or weights saved with ``convmixer.save_weights``."""
-    from .model import ConvMixer
+    (.pt), weights saved with ``convmixer.save_weights``, or the name of a variant with released
+    weights (downloaded once; predicted with the variant's own preprocessing)."""
+    from .model import VARIANTS, ConvMixer, create_model
     path = Path(path)
+    if not path.exists() and str(path) in VARIANTS and VARIANTS[str(path)].url:  # released weights by name
+        model = create_model(str(path), pretrained=True)
+        return model.eval(), RunInfo(model_args=model.model_args, model_name=str(path),
+                                     **_variant_preprocessing(str(path), model.model_args))
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

@@ -464,8 +464,8 @@ def finish(run: Run, time_up: bool) -> dict:
 
 
 def _interrupted(run: Run, stop: SignalFlag) -> dict:
-    where = f"epoch {run.epoch + 1}, step {run.step}" if run.batch else f"after epoch {run.epoch}"
-    run.log(f"\n{stop.name}: stopped at {where}; checkpoint written to {run.out / 'last.pt'}; continue with "
+    where = f"at epoch {run.epoch + 1}, step {run.step}" if run.batch else f"after epoch {run.epoch}"
+    run.log(f"\n{stop.name}: stopped {where}; checkpoint written to {run.out / 'last.pt'}; continue with "
             f"convmixer train --resume {run.out / 'last.pt'}")
     return {"interrupted": True, "step": run.step, "checkpoint": str(run.out / "last.pt")}
 

@@ -112,6 +112,12 @@ def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
         model = create_model("convmixer_256_8", pretrained=True)
         assert torch.equal(model.head.weight, reference.head.weight)
         assert (Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "release.pth.tar").is_file()
+        # every command accepts a released variant by name, with the variant's own preprocessing
+        from convmixer.run import load_model
+        named, info = load_model("convmixer_256_8")
+        assert torch.equal(named.head.weight, reference.head.weight)
+        assert (info.img_size, info.crop_pct, info.classes[:2]) == (32, 1.0, ["0", "1"])
+        assert info.mean == list(convmixer.VARIANTS["convmixer_256_8"].mean)
     finally:
         server.shutdown()
 

@@ -1,0 +1,243 @@
+"""The life of a run: resume continues that run, a run never destroys another, one process per
+folder, the checkpoint survives a full disk, stale temporaries go, signals are acted on at once."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from convmixer.cli import main
+from convmixer.config import make_config
+from convmixer.errors import ConfigError, TrainingError
+from convmixer.train import train
+
+TINY = dict(dim=16, depth=2, kernel_size=3, patch_size=2, batch_size=32, randaugment_n=0, progress=False,
+            dataset="fashion_mnist", val_split=0, lr=0.01, download=False, amp="off")
+
+
+def cfg(tmp_path, data_dir, **kw):
+    return make_config(None, {**TINY, "data_dir": str(data_dir), "out": str(tmp_path / "run"), **kw})
+
+
+def cli_args(data_dir, out, *extra):
+    return ["train", "--dataset", "fashion_mnist", "--data-dir", str(data_dir), "--val-split", "0", "--batch-size",
+            "32", "--dim", "16", "--depth", "2", "--kernel-size", "3", "--patch-size", "2", "--randaugment-n", "0",
+            "--progress", "false", "--out", str(out), *extra]
+
+
+def epochs_logged(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_restores_the_runs_own_settings_and_folder(tmp_path, fashion_dir, monkeypatch, capsys):
+    out = tmp_path / "runs" / "s05"
+    assert main(cli_args(fashion_dir, out, "--epochs", "2", "--lr", "0.003")) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no ./data here, no runs/default: all must come from the checkpoint
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "3"]) == 0
+    assert epochs_logged(out) == [1, 2, 3]
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert (saved["lr"], saved["dataset"], saved["dim"], saved["epochs"]) == (0.003, "fashion_mnist", 16, 3)
+    assert not (elsewhere / "runs").exists()
+    # what cannot change mid-run is refused in one line that lists the keys; nothing is touched
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out / "last.pt"), "--lr", "0.05", "--batch-size", "64", "--epochs", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "lr (0.003 -> 0.05)" in err and "batch_size (32 -> 64)" in err and len(err.strip().splitlines()) == 2
+    assert main(["train", "--resume", str(out / "last.pt"), "--out", str(tmp_path / "other")]) == 2
+    assert "in its own folder" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "1"]) == 2
+    assert "fewer than the 3 epochs" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys, monkeypatch):
+    out = tmp_path / "k11"
+    assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(cli_args(fashion_dir, out, "--epochs", "2")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert snapshot(out) == before
+    # a run that crashes at its first step after the refusal point still touched nothing: it never started
+    import convmixer.train as train_module
+
+    def crash(*a, **k):
+        raise RuntimeError("crash at step 1")
+    monkeypatch.setattr(train_module, "train_step", crash)
+    with pytest.raises(TrainingError):
+        train(cfg(tmp_path, fashion_dir, out=str(out), epochs=2))
+    assert snapshot(out) == before
+    monkeypatch.undo()
+    # an explicit --overwrite replaces it
+    assert main(cli_args(fashion_dir, out, "--epochs", "2", "--overwrite")) == 0
+    assert epochs_logged(out) == [1, 2]
+    # --overwrite with --resume is a contradiction
+    assert main(["train", "--resume", str(out / "last.pt"), "--overwrite"]) == 2
+
+
+HOLDER = """
+import sys, time
+from convmixer.run import RunFolder
+held = RunFolder(sys.argv[1]).open(resume=False)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_process_per_folder_and_a_killed_holder_is_stale(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 2
+        err = capsys.readouterr().err
+        assert f"in use by a running training (pid {holder.pid} on " in err
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / ".lock").read_text().startswith(f"pid {holder.pid}")  # what kill -9 left behind
+    assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0     # ...is recognised as stale
+    assert epochs_logged(out) == [1]
+
+
+def test_disk_full_on_metrics_keeps_the_checkpoint_and_resume_restores_the_line(tmp_path, fashion_dir, monkeypatch):
+    import builtins
+
+    import convmixer.run as run_module
+    calls = []
+
+    def full_disk_open(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            calls.append(path)
+            if len(calls) == 2:  # epoch 2's line
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *a, **k)
+    monkeypatch.setattr(run_module, "open", full_disk_open, raising=False)
+    with pytest.raises(TrainingError, match=r"could not write .*metrics.jsonl \(No space left on device; .* MiB free, "
+                                            r"about .* MiB needed\).*--resume"):
+        train(cfg(tmp_path, fashion_dir, epochs=3))
+    out = tmp_path / "run"
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2  # the checkpoint was written first
+    assert epochs_logged(out) == [1]
+    monkeypatch.undo()
+    train(None, resume=out / "last.pt")
+    assert epochs_logged(out) == [1, 2, 3]  # epoch 2's record came back from the checkpoint
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path, fashion_dir):
+    train(cfg(tmp_path, fashion_dir, epochs=1))
+    out = tmp_path / "run"
+    (out / ".last.pt.k9x2ab.tmp").write_bytes(os.urandom(4096))  # as kill -9 during atomic_write leaves it
+    (out / ".metrics.jsonl.zz.tmp").write_bytes(b"{")
+    train(cfg(tmp_path, fashion_dir, epochs=2), resume=out / "last.pt")
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path, fashion_dir):
+    train(cfg(tmp_path, fashion_dir, epochs=1))
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"batch_size \(32 -> 64\)"):
+        train(cfg(tmp_path, fashion_dir, epochs=2, batch_size=64), resume=tmp_path / "run" / "last.pt")
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_signal_during_evaluation_stops_after_that_epoch(tmp_path, fashion_dir, monkeypatch, capsys):
+    import convmixer.train as train_module
+    real = train_module.evaluate
+
+    def signalled_evaluate(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the epoch's evaluation runs
+        return real(*a, **k)
+    monkeypatch.setattr(train_module, "evaluate", signalled_evaluate)
+    result = train(cfg(tmp_path, fashion_dir, epochs=3))
+    assert result["interrupted"]
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 0, 600 // 32)  # not one step further
+    assert "SIGTERM: stopped after epoch 1" in capsys.readouterr().out
+
+
+def test_weights_saved_from_python_work_with_every_command(tmp_path, capsys):
+    from PIL import Image
+
+    import convmixer
+    model = convmixer.create_model("convmixer_256_8", dim=16, depth=2, num_classes=3)
+    convmixer.save_weights(model, tmp_path / "m.safetensors")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "x.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "--json", str(tmp_path / "x.png")]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert {t["class"] for t in top} == {"0", "1", "2"}
+    assert main(["viz", "--checkpoint", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "viz")]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "torchscript",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors")]) == 2  # which data? it says so
+    assert "pass --dataset" in capsys.readouterr().err
+
+
+def test_metrics_with_a_cut_off_line_are_read_by_every_reader(tmp_path, fashion_dir, capsys):
+    train(cfg(tmp_path, fashion_dir, epochs=2))
+    out = tmp_path / "run"
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # a crash mid-line
+    assert main(["viz", "--runs", str(out), "--out", str(tmp_path / "viz")]) == 0
+    train(None, resume=out / "last.pt")  # the resumed run drops the cut line
+    assert epochs_logged(out) == [1, 2]
+
+
+def test_user_errors_are_one_line_and_bugs_are_not_hidden(tmp_path, capsys, monkeypatch):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    import convmixer.cli as cli
+
+    def bug(args):
+        raise ValueError("an internal bug")
+    monkeypatch.setattr(cli, "cmd_models", bug)
+    with pytest.raises(ValueError, match="an internal bug"):  # not disguised as a user error
+        main(["models"])
+
+
+def test_debug_shows_the_hidden_cause(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(os.urandom(100))
+    with pytest.raises(TrainingError) as info:
+        main(["--debug", "train", "--resume", str(tmp_path / "junk.pt")])
+    assert info.value.__context__ is not None and not info.value.__suppress_context__
+
+
+def test_one_host_sync_per_optimizer_step(tmp_path, fashion_dir, monkeypatch):
+    """Loss and accuracy accumulate on the device; the NaN check, the stop flag and the time spent
+    come back in one transfer per optimizer step, however many micro-batches it has."""
+    from convmixer.train import SignalFlag, build_run, train_step
+    config = cfg(tmp_path, fashion_dir, epochs=1, accum_steps=4)
+    run = build_run(config, None, tmp_path / "run", overwrite=False)
+    batches = iter([(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(8)])
+    counts = {"item": 0, "tolist": 0, "bool": 0}
+    for name, attr in (("item", "item"), ("tolist", "tolist"), ("bool", "__bool__")):
+        real = getattr(torch.Tensor, attr)
+
+        def counting(self, *a, _real=real, _name=name, **k):
+            # AdamW reads its step counters, which it keeps on the host (no device sync on a GPU either)
+            if not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.optim"):
+                counts[_name] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, attr, counting)
+    try:
+        train_step(run, batches, SignalFlag())
+        train_step(run, batches, SignalFlag())
+    finally:
+        monkeypatch.undo()
+        run.folder.close()
+    assert counts == {"item": 0, "tolist": 2, "bool": 0}
+    assert run.step == 2
