@@ -68,8 +68,9 @@ def cmd_train(args):
     from .config import make_config, parse_overrides, read_config_file, resume_config
     from .run import load_checkpoint
     from .train import train
-    overrides = parse_overrides(args.overrides)
-    overrides.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
+    # later wins: the config file, then --key value flags, then key=value words
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    overrides.update(parse_overrides(args.overrides))
     if args.resume:  # the checkpoint's run, in its folder; what is given may only change what may change
         if args.overwrite:
             from .errors import ConfigError
@@ -101,7 +102,7 @@ def cmd_eval(args):
     model, info = load_model(args.checkpoint)
     data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                           args.skip_bad_images)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     model.to(device).to(memory_format=torch.channels_last)
     amp = None if args.fp32 else amp_dtype("auto", device)
     result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
@@ -126,6 +127,21 @@ def cmd_eval(args):
     return 0
 
 
+def _device(name: str | None):
+    import torch
+
+    from .errors import ConfigError
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name} asks for a GPU this machine does not have: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 def cmd_predict(args):
     from .evaluate import predict
     from .run import load_model
@@ -142,6 +158,7 @@ def cmd_predict(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .run import CHECKPOINT_HELP
     parser = argparse.ArgumentParser(prog="convmixer", description="ConvMixer (\"Patches Are All You Need?\"): "
                                      "models, training, evaluation and tools.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="model.safetensors / best.safetensors / last.pt of a run")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--dataset", default=None, help="default: the one the checkpoint was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("val", "test", "train"), default=None,
@@ -197,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes for image files")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true")
@@ -235,6 +252,10 @@ def _show_causes(error: BaseException):
 
 
 def main(argv=None) -> int:
+    """The ``convmixer`` command. Called without ``argv`` (the console script, ``python -m convmixer``)
+    it also tunes its own process (runtime.tune_cpu); called with ``argv`` from a program, it leaves
+    that program's process as it was."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
     argv = [a for a in argv if a != "--debug"]
@@ -246,8 +267,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     from .errors import ConvMixerError
-    from .runtime import tune_cpu
-    tune_cpu()  # this command's own process only: importing the library changes nothing
+    if from_command_line:  # the command's own process only: importing the library changes nothing
+        from .runtime import tune_cpu
+        tune_cpu()
     try:
         return args.func(args) or 0
     except BrokenPipeError:  # the reader went away (convmixer eval ... | head): stop quietly, as Unix tools do
@@ -258,6 +280,13 @@ def main(argv=None) -> int:
             _show_causes(e)
             raise
         print(f"convmixer {args.command}: error: {e}", file=sys.stderr)
+        print("(run with --debug for the full traceback)", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the user named cannot be read or written
+        if args.debug or not e.filename:
+            raise
+        print(f"convmixer {args.command}: error: {e.filename}: {e.strerror or e}; check the path and its "
+              f"permissions, or free space", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

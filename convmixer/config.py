@@ -12,6 +12,24 @@ from pathlib import Path
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# the allowed range of every number: (lowest, highest, lowest excluded, highest excluded); values a file or
+# a flag may set are bounded so that no setting can make us allocate without limit
+RANGES = {
+    "dim": (1, 8192, False, False), "depth": (1, 256, False, False), "kernel_size": (1, 63, False, False),
+    "patch_size": (1, 64, False, False), "img_size": (1, 4096, False, False), "val_split": (0, 1e8, False, False),
+    "subset": (0, 10 ** 8, False, False), "workers": (0, 256, False, False), "epochs": (1, 100_000, False, False),
+    "batch_size": (1, 2 ** 20, False, False), "accum_steps": (1, 4096, False, False), "lr": (0, 10, True, False),
+    "weight_decay": (0, 10, False, False), "opt_eps": (0, 1, True, False), "peak_at": (0, 1, True, False),
+    "knee_at": (0, 1, False, True), "knee_lr": (0, 1, False, False), "final_lr": (0, 1, False, False),
+    "warmup_epochs": (0, 100_000, False, False), "clip_grad": (0, 1e6, False, False),
+    "label_smoothing": (0, 1, False, True), "scale_min": (0, 1, True, False), "hflip": (0, 1, False, False),
+    "randaugment_n": (0, 14, False, False), "randaugment_m": (0, 30, False, False),
+    "color_jitter": (0, 10, False, False), "random_erasing": (0, 1, False, False), "mixup": (0, 100, False, False),
+    "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
+    "tta_shift": (0, 64, False, False), "seed": (0, 2 ** 32 - 1, False, False),
+    "save_every": (0, 100_000, False, False), "eval_every": (1, 100_000, False, False),
+    "time_limit": (0, 10 ** 6, False, False),
+}
 # what --resume may change: how the run is executed and logged, and its length (epochs down to those done,
 # time_limit upwards)
 RESUME_MUTABLE = ("epochs", "time_limit", "workers", "progress", "tensorboard", "save_every", "eval_every",
@@ -104,40 +122,27 @@ class TrainConfig:
             close = difflib.get_close_matches(self.model, VARIANTS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown model {self.model!r}{hint}; `convmixer models` lists them")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         choices = {"dataset": DATASETS, "schedule": ("onecycle", "cosine", "constant"),
                    "amp": ("auto", "bf16", "fp16", "off"), "norm": ("batchnorm", "layernorm"),
                    "activation": (None, "gelu", "relu", "silu")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(str, allowed))}")
-        positive = ("epochs", "batch_size", "accum_steps", "eval_every")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("dim", "depth", "kernel_size", "patch_size", "img_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "opt_eps", "clip_grad", "label_smoothing", "mixup", "cutmix",
-                    "warmup_epochs", "val_split", "final_lr", "ema_decay", "color_jitter", "subset", "workers",
-                    "save_every", "time_limit", "tta_shift", "knee_at", "knee_lr"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
-        if self.lr == 0:
-            raise ConfigError("lr must be positive")
+        for key, (low, high, open_low, open_high) in RANGES.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+                span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+                raise ConfigError(f"{key}={value:g} is outside its range {span}")
         if self.knee_at and not self.peak_at < self.knee_at < 1:
             raise ConfigError(f"knee_at must lie between peak_at ({self.peak_at}) and 1, got {self.knee_at}")
-        for key in ("peak_at", "scale_min", "crop_pct"):
-            if not 0 < getattr(self, key) <= 1:
-                raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
-        for key in ("hflip", "random_erasing", "label_smoothing"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1) (0 = off; 1 would never move), got {self.ema_decay}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs={self.warmup_epochs:g} is longer than the {self.epochs} epochs")
+        if self.val_split >= 1 and not float(self.val_split).is_integer():
+            raise ConfigError(f"val_split={self.val_split:g}: give a fraction below 1 or a whole number of images")
         patch = self.patch_size or VARIANTS[self.model].patch_size
         if self.img_size is not None and patch > self.img_size:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
@@ -158,6 +163,10 @@ def coerce(key: str, value):
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty")
+    if not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{key} must be a single value, got a {type(value).__name__}: {str(value)[:60]}")
+    if isinstance(value, str) and len(value) > 4096:
+        raise ConfigError(f"{key} is {len(value)} characters long: give a value under 4096")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -170,18 +179,25 @@ def coerce(key: str, value):
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():
+                as_float = float(value)
+                if not as_float.is_integer():
+                    raise ValueError
+                return int(as_float)
+            return int(value)
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {base.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}={str(value)[:60]!r} is not a valid {base.__name__}") from None
 
 
-def check_key(key: str) -> str:
+def check_key(key) -> str:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
+    if not isinstance(key, str):
+        raise ConfigError(f"config keys are names, got {key!r} ({type(key).__name__})")
     key = key.replace("-", "_")
     if key not in names:
         close = difflib.get_close_matches(key, names, n=1)
@@ -200,14 +216,20 @@ def read_config_file(path: str | Path) -> dict:
         else:
             names = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
             raise ConfigError(f"config file not found: {path} (shipped configs: {names})")
-    text = p.read_text()
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p} is {p.stat().st_size} bytes; a config is a short list of key: value lines")
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {p} ({getattr(e, 'strerror', None) or e})") from None
     try:
         if p.suffix == ".toml":
             import tomllib
             data = tomllib.loads(text)
         else:
-            import yaml
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except Exception as e:
         raise ConfigError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
                           f"{str(e).splitlines()[0]}") from None
@@ -216,13 +238,42 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_yaml(text: str):
+    """YAML without aliases (a few bytes of nested aliases expand to gigabytes) and without
+    duplicate keys (the later one would silently win)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise ConfigError("uses a YAML alias (*name); a config needs none: write the values out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            dupes = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if dupes:
+                raise ConfigError(f"sets {', '.join(dupes)} more than once: keep one")
+            return super().construct_mapping(node, deep=deep)
+    return yaml.load(text, Loader=Loader) or {}
+
+
 def make_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     values = {}
-    for source in (read_config_file(path) if path else {}, overrides or {}):
-        for key, value in source.items():
-            key = check_key(key)
-            values[key] = coerce(key, value)
+    if path:
+        try:
+            values = _coerce_all(read_config_file(path))
+        except ConfigError as e:
+            raise ConfigError(e if str(path) in str(e) else f"{path}: {e}") from e
+    values.update(_coerce_all(overrides or {}))
     return TrainConfig(**values).validate()
+
+
+def _coerce_all(source: dict) -> dict:
+    return {check_key(key): coerce(check_key(key), value) for key, value in source.items()}
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,13 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.T
     return data.view(-1, 3, 32, 32).to(torch.uint8), labels
 
 
+def _check_labels(labels: torch.Tensor, classes: list, source) -> torch.Tensor:
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(f"{source} has labels {labels.min().item()}..{labels.max().item()} but there are "
+                        f"{len(classes)} classes: the file is corrupt, download it again")
+    return labels
+
+
 def read_cifar(root: Path, train: bool, hundred: bool) -> ImageData:
     folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
     if hundred:
@@ -95,7 +104,9 @@ def read_cifar(root: Path, train: bool, hundred: bool) -> ImageData:
         parts = [_read_cifar_batch(folder / n, "labels") for n in names]
         images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         classes = CIFAR10_CLASSES
-    return ImageData(labels, list(classes), images=images)
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{folder / 'meta'} does not hold a list of class names: download CIFAR-100 again")
+    return ImageData(_check_labels(labels, classes, folder), list(classes), images=images)
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -108,8 +119,10 @@ def _read_idx(path: Path) -> torch.Tensor:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} has an impossible IDX header ({ndim} dimensions): the file is corrupt")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    expected = 4 + 4 * ndim + int(torch.tensor(dims).prod())
+    expected = 4 + 4 * ndim + math.prod(dims)
     if len(raw) != expected:
         raise DataError(f"{path} has {len(raw)} bytes but its header promises {expected}: the file is truncated "
                         f"or corrupt, download it again")
@@ -132,26 +145,47 @@ def read_mnist(root: Path, train: bool, fashion: bool) -> ImageData:
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{folder} {prefix}: {len(images)} images but {len(labels)} labels")
     classes = FASHION_CLASSES if fashion else [str(i) for i in range(10)]
+    labels = _check_labels(labels, classes, f"{folder} {prefix} labels")
     return ImageData(labels, classes, images=images.unsqueeze(1).contiguous(), channels=1)
 
 
-def scan_folder(root: Path) -> ImageData:
-    """An ImageFolder tree: ``root/<class>/<image>``; class folders sorted by name."""
+def scan_folder(root: Path, skip_bad: bool = False) -> ImageData:
+    """An ImageFolder tree: ``root/<class>/<image>``; class folders sorted by name. Only regular
+    files are read: a FIFO, a socket, a broken or looping link with an image name is an error (or,
+    with ``skip_bad``, skipped and counted), never opened."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class folders: expected {root}/<class>/<image files>")
-    files, labels, empty = [], [], []
+    files, labels, empty, odd = [], [], [], []
     for index, name in enumerate(classes):
-        found = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        named = [p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        odd += [str(p) for p in named if not p.is_file() and not p.is_dir()]
+        found = sorted(str(p) for p in named if p.is_file())
         if not found:
             empty.append(name)
         files += found
         labels += [index] * len(found)
     if empty:
         raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty[:5])}; remove them or add images")
-    return ImageData(torch.tensor(labels), classes, files=files)
+    if odd and not skip_bad:
+        raise DataError(f"{odd[0]} is not a regular file (a broken or looping link, a FIFO or a device"
+                        f"{f'; {len(odd) - 1} more' if len(odd) > 1 else ''}): remove it or pass --skip-bad-images")
+    if odd:
+        print(f"skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that are not regular files, e.g. {odd[0]}")
+    return ImageData(torch.tensor(labels, dtype=torch.long), classes, files=files)
+
+
+def first_image(data: ImageData, skip_bad: bool = False) -> torch.Tensor:
+    """The first readable image of a file list (with ``skip_bad``, unreadable ones are passed over)."""
+    for path in data.files:
+        try:
+            return decode(path, data.channels)
+        except DataError:
+            if not skip_bad:
+                raise
+    raise DataError("no readable images")
 
 
 def decode(path: str, channels: int = 3) -> torch.Tensor:
@@ -161,11 +195,17 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale, don't clip
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale, float: scale, don't clip
                 import numpy as np
                 a = np.asarray(im, dtype=np.float64)
-                peak = 65535.0 if im.mode.startswith("I;16") else max(a.max(), 1.0)
-                im = Image.fromarray((a * 255.0 / peak).clip(0, 255).astype("uint8"))
+                if not np.isfinite(a).all():
+                    raise ValueError("it holds NaN or infinite pixel values")
+                if im.mode == "F":  # [0, 1] images as they are, any other range stretched to it
+                    low, high = (0.0, 1.0) if a.min() >= 0 and a.max() <= 1 else (a.min(), max(a.max(), a.min() + 1e-12))
+                    a = (a - low) / (high - low) * 255.0
+                else:
+                    a = a * 255.0 / (65535.0 if im.mode.startswith("I;16") else max(a.max(), 1.0))
+                im = Image.fromarray(a.clip(0, 255).round().astype("uint8"))
             im = im.convert("L" if channels == 1 else "RGB")
             return v2.functional.pil_to_tensor(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -174,13 +214,16 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
 
 # --- data sets by name ---------------------------------------------------------------------------
 def _cache_dir() -> Path:
-    return Path(os.environ.get("CONVMIXER_CACHE", Path.home() / ".cache" / "convmixer"))
+    path = Path(os.environ.get("CONVMIXER_CACHE", Path.home() / ".cache" / "convmixer"))
+    if path.exists() and not path.is_dir():
+        raise DataError(f"the cache folder {path} is a file: remove it or set CONVMIXER_CACHE to a folder")
+    return path
 
 
 def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, progress: bool = True) -> ImageData:
     """Decode every file once into one uint8 tensor, cached on disk (safetensors) by content key."""
     from safetensors.torch import load_file, save_file
-    stat = [os.stat(f) for f in data.files]
+    stat = [os.stat(f) for f in data.files]  # regular files only (scan_folder)
     key = hashlib.sha256(repr((data.files, [(s.st_size, s.st_mtime_ns) for s in stat], size,
                                data.channels)).encode()).hexdigest()[:20]
     cache = _cache_dir() / f"images-{key}.safetensors"
@@ -224,14 +267,36 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
 
 
 def _extract_tarball(tarball: Path) -> Path:
-    """Unpack a .tar.gz data set once into the cache and return the folder."""
-    target = _cache_dir() / tarball.name.split(".tar")[0]
-    marker = target / ".complete"
-    if not marker.exists():
-        target.mkdir(parents=True, exist_ok=True)
+    """Unpack a .tar.gz data set once into the cache and return the folder. The cache is keyed by the
+    archive's content, so a replaced archive is unpacked again; unpacking goes to a temporary folder
+    renamed into place, so an interrupted one is never taken for complete."""
+    digest = hashlib.sha256()
+    with open(tarball, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    target = _cache_dir() / f"{tarball.name.split('.tar')[0]}-{digest.hexdigest()[:16]}"
+    if target.is_dir():
+        return target
+    import shutil
+    import tempfile
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise DataError(f"cannot unpack {tarball} into {target.parent} ({e.strerror}): set CONVMIXER_CACHE to a "
+                        f"writable folder") from e
+    try:
         with tarfile.open(tarball) as tar:
-            tar.extractall(target, filter="data")
-        marker.touch()
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp, target)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if target.is_dir():  # another process unpacked the same archive meanwhile
+            return target
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{tarball} cannot be unpacked ({reason}): the archive is corrupt or the disk is full; "
+                        f"copy it again") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -276,10 +341,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
         if split is None and not train:
             raise DataError(f"{root} has no val/ or test/ folder: add one, or use --val-split to carve a "
                             f"validation set from the training images")
-        folder = scan_folder(split or root)
+        folder = scan_folder(split or root, skip_bad_images)
         # cache only when no resizing is needed (a square resize would distort ImageNet-style photos)
-        first = decode(folder.files[0], folder.channels) if folder.files else None
-        cache = cache and (img_size is None or (first is not None and tuple(first.shape[-2:]) == (img_size, img_size)))
+        first = first_image(folder, skip_bad_images)
+        cache = cache and (img_size is None or tuple(first.shape[-2:]) == (img_size, img_size))
         # up to 200k images are decoded once (at img_size, or their own size when they all share one)
         return decode_folder(folder, img_size, skip_bad_images) if cache and len(folder) <= 200_000 else folder
     if name.startswith("cifar"):
@@ -291,7 +356,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
                 if not train:
                     raise DataError(f"the JPEG copy of CIFAR-10 in {root} has no test split: use --val-split, "
                                     f"or --dataset imagefolder --data-dir <folder with test/>")
-                folder = scan_folder(jpeg)
+                folder = scan_folder(jpeg, skip_bad_images)
                 return decode_folder(folder, 32, skip_bad_images) if cache else folder
         if not torchvision_folder.is_dir():
             if not download:
@@ -366,19 +431,27 @@ class TransformedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self.data.images is not None:
-            img = self.data.images[i]
-        else:
-            img = None
-            for attempt in range(len(self)):  # with skip_bad_images, the next readable image stands in
-                try:
-                    img = decode(self.data.files[(i + attempt) % len(self)], self.data.channels)
-                    break
-                except DataError:
-                    if not self.skip_bad:
-                        raise
-            if img is None:
-                raise DataError("no readable image in the data set")
-        return self.transform(img), self.data.labels[i]
+            return self.transform(self.data.images[i]), self.data.labels[i]
+        for attempt in range(len(self)):  # with skip_bad_images, the next readable image stands in, with its label
+            j = (i + attempt) % len(self)
+            try:
+                return self.transform(decode(self.data.files[j], self.data.channels)), self.data.labels[j]
+            except DataError:
+                if not self.skip_bad:
+                    raise
+        raise DataError("no readable image in the data set")
+
+
+def worker_errors_in_one_line(batches):
+    """Batches from a DataLoader; a DataError raised in a worker process comes back with the worker's
+    whole traceback in its message, and is re-raised with the original one line."""
+    try:
+        yield from batches
+    except DataError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) > 1 and "Original Traceback" in str(e):
+            raise DataError(lines[-1].split(": ", 1)[-1]) from e
+        raise
 
 
 def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0):
@@ -388,5 +461,5 @@ def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0):
         for start in range(0, len(data), batch_size):
             yield transform(data.images[start:start + batch_size]), data.labels[start:start + batch_size]
         return
-    yield from torch.utils.data.DataLoader(TransformedImages(data, transform), batch_size=batch_size,
-                                           num_workers=workers)
+    yield from worker_errors_in_one_line(torch.utils.data.DataLoader(
+        TransformedImages(data, transform), batch_size=batch_size, num_workers=workers))

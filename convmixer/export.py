@@ -14,6 +14,8 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
     """Write ``model`` in ``fmt`` (onnx | torchscript | safetensors). ONNX and TorchScript use the
     plain depthwise op (the fast one only changes the backward pass) and a dynamic batch size."""
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give a file name, e.g. {out / ('model.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().set_fast(False)
     x = torch.randn(2, model.in_chans, img_size, img_size)
@@ -65,7 +67,8 @@ def cmd_export(args):
 
 def add_parser(sub):
     p = sub.add_parser("export", help="ONNX (checked with onnxruntime), TorchScript or safetensors")
-    p.add_argument("--checkpoint", required=True)
+    from .run import CHECKPOINT_HELP
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default="onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--img-size", type=int, default=None)

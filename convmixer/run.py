@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import RANGES, TrainConfig
 from .errors import TrainingError, WeightsError
 from .weights import atomic_write, load_into, read_metadata, read_state_dict, save_weights, torch_load_safely
 
+CHECKPOINT_HELP = ("a run's model.safetensors / best.safetensors / last.pt, weights saved with "
+                   "convmixer.save_weights, or a variant name with released weights (e.g. convmixer_768_32)")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.safetensors", "model.safetensors", "summary.json")
 # what a file's metadata may ask us to build (a 25 KB file must not make us allocate 160 GB)
-LIMITS = {"dim": 8192, "depth": 256, "kernel_size": 63, "patch_size": 64, "in_chans": 64, "num_classes": 100_000,
-          "img_size": 4096}
+LIMITS = {**{k: int(RANGES[k][1]) for k in ("dim", "depth", "kernel_size", "patch_size", "img_size")},
+          "in_chans": 64, "num_classes": 100_000}
 
 
 # --- what a model needs beside its weights ----------------------------------------------------------
@@ -57,10 +60,17 @@ class RunInfo:
         """From a checkpoint's entries or decoded metadata; older files lack crop_pct (taken from config)."""
         names = [f.name for f in dataclasses.fields(cls)]
         values = {k: d[k] for k in names if k in d}
-        values.setdefault("crop_pct", (d.get("config") or {}).get("crop_pct", TrainConfig.crop_pct))
+        shapes = {"model_args": dict, "config": dict, "classes": list, "mean": list, "std": list}
+        wrong = [k for k, kind in shapes.items() if k in values and not isinstance(values[k], kind)]
+        wrong += [k for k in ("mean", "std") if k in values and isinstance(values[k], list) and not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values[k])]
+        if wrong:
+            raise WeightsError(f"{source} has a malformed model description ({', '.join(wrong)}): re-export it "
+                               f"with convmixer")
+        values.setdefault("crop_pct", values.get("config", {}).get("crop_pct", TrainConfig.crop_pct))
         try:
             info = cls(**values)
-            info.classes, info.mean, info.std = list(info.classes), list(info.mean), list(info.std)
+            info.classes = [str(c) for c in info.classes]
             info.img_size, info.crop_pct = int(info.img_size), float(info.crop_pct)
         except (TypeError, ValueError) as e:
             raise WeightsError(f"{source} has an incomplete or malformed model description ({e}): "
@@ -80,6 +90,8 @@ class RunInfo:
         except json.JSONDecodeError as e:
             raise WeightsError(f"{source} has malformed metadata ({e}): re-export it with convmixer") from None
         d.update({k: meta[k] for k in ("img_size", "crop_pct", "model_name", "dataset") if meta.get(k)})
+        if not isinstance(d["model_args"], dict):
+            raise WeightsError(f"{source}: model_args must be a mapping, got {type(d['model_args']).__name__}")
         if "classes" not in d:
             d.update(_variant_preprocessing(d.get("model_name", ""), d["model_args"]))
         return cls.from_dict(d, source)
@@ -93,6 +105,8 @@ class RunInfo:
             if not isinstance(value, int) or isinstance(value, bool) or not (0 if key == "num_classes" else 1) <= value <= limit:
                 raise WeightsError(f"{source}: {key}={value!r} is outside 1..{limit}: the file is corrupt or not "
                                    f"a convmixer model")
+        if not 0 < self.crop_pct <= 1:
+            raise WeightsError(f"{source}: crop_pct={self.crop_pct} is outside (0, 1]")
         if len(self.classes) != args.get("num_classes", len(self.classes)):
             raise WeightsError(f"{source} names {len(self.classes)} classes for a {args.get('num_classes')}-class "
                                f"head: the file is inconsistent")
@@ -104,11 +118,14 @@ class RunInfo:
 def _variant_preprocessing(model_name: str, model_args: dict) -> dict:
     from .model import VARIANTS
     v = VARIANTS.get(model_name)
-    channels = model_args.get("in_chans", 3)
+    # a value out of bounds is refused by RunInfo.check afterwards; here it only must not crash
+    sane = {k: model_args.get(k, d) if isinstance(model_args.get(k, d), int) and 0 <= model_args.get(k, d) <= LIMITS[k]
+            else d for k, d in (("in_chans", 3), ("num_classes", 0))}
+    channels = sane["in_chans"] or 3
     mean, std = (list(v.mean), list(v.std)) if v else ([0.5] * 3, [0.5] * 3)
     if len(mean) != channels:
         mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
-    return dict(classes=[str(i) for i in range(model_args.get("num_classes", 0))], mean=mean, std=std,
+    return dict(classes=[str(i) for i in range(sane["num_classes"])], mean=mean, std=std,
                 img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else TrainConfig.crop_pct)
 
 
@@ -171,13 +188,22 @@ def save_checkpoint(path: Path, state: dict):
         raise write_error(path, e, _tensor_bytes(state)) from e
 
 
-def load_checkpoint(path: str | Path) -> dict:
+RESUME_SECTIONS = ("optimizer", "rng", "epoch", "batch_in_epoch", "step", "best", "classes")
+
+
+def load_checkpoint(path: str | Path, for_resume: bool = False) -> dict:
+    """A training checkpoint; ``for_resume`` also requires everything a resumed run restores."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint not found: {path}")
     ckpt = torch_load_safely(path, TrainingError)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
+            or not isinstance(ckpt.get("model_args"), dict) or not isinstance(ckpt.get("config"), dict):
         raise TrainingError(f"{path} is not a convmixer training checkpoint (for plain weights use eval/predict)")
+    missing = [k for k in RESUME_SECTIONS if k not in ckpt] if for_resume else []
+    if missing:
+        raise TrainingError(f"{path} lacks {', '.join(missing)}, so its run cannot be resumed: start a new run "
+                            f"with --pretrained {path}")
     return ckpt
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import signal
 import sys
@@ -27,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TrainConfig, check_resume
-from .data import STATS, ImageData, TransformedImages, batch_mixer, load_dataset, split_train_val, train_transform
+from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image, load_dataset, split_train_val,
+                   train_transform, worker_errors_in_one_line)
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
 from .model import ConvMixer, model_kwargs
@@ -83,7 +85,8 @@ def epoch_batches(n: int, cfg: TrainConfig, epoch: int, world: int, rank: int) -
 
 class SignalFlag:
     """SIGINT/SIGTERM only set a flag (on every rank: torchrun forwards signals); the loop reads it
-    between steps and after each epoch's evaluation, writes a checkpoint and stops."""
+    between steps and after each epoch's evaluation, writes a checkpoint and stops. A second signal
+    stops the process at once (whatever it is waiting for)."""
 
     def __init__(self):
         self.signum, self._previous = None, {}
@@ -97,7 +100,16 @@ class SignalFlag:
         return self
 
     def _set(self, signum, frame):
+        if self.signum is not None:  # the second one: stop now
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again to stop "
+              f"at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -205,13 +217,22 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageData, ImageData, dict]:
     if cfg.subset:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.subset]
         train = train.subset(pick.sort().values)  # a seeded random subset: every class, not the first folders
-    native = train.images.shape[-1] if train.images is not None else (32 if cfg.dataset == "cifar10" else 224)
+    native = _native_size(train, cfg.skip_bad_images)
     mean, std = STATS[cfg.dataset]
     if train.channels == 1 and len(mean) == 3:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     found = dict(classes=list(train_all.classes), in_chans=train.channels, img_size=cfg.img_size or native,
                  mean=list(mean), std=list(std))
     return train, val, found
+
+
+def _native_size(data: ImageData, skip_bad: bool) -> int:
+    """The image size to train at when img_size is not set: the decoded images' own, or for streamed
+    files the first one's when it is square (so --cache on and off agree), else 224 (photos)."""
+    if data.images is not None:
+        return data.images.shape[-1]
+    height, width = first_image(data, skip_bad).shape[-2:]
+    return height if height == width else 224
 
 
 def build_run(cfg: TrainConfig, ckpt: dict | None, out: Path, overwrite: bool) -> Run:
@@ -290,6 +311,10 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
                                           cfg.skip_bad_images),
               mixer=batch_mixer(cfg, len(info.classes)), out=out, folder=folder, started=time.time())
     if ckpt is not None:
+        if list(ckpt["classes"]) != info.classes or ckpt["model_args"].get("in_chans") != margs["in_chans"]:
+            raise TrainingError(f"the data in {cfg.data_dir} has {len(info.classes)} classes ({', '.join(info.classes[:3])}"
+                                f"...) and {margs['in_chans']} channel(s), but this run trained on {len(ckpt['classes'])} "
+                                f"({', '.join(map(str, ckpt['classes'][:3]))}...): resume with the run's own data")
         run.restore(ckpt)
         run.log(f"resumed from {out / 'last.pt'}: epoch {run.epoch + 1}, step {run.step}")
     if rank == 0:
@@ -357,7 +382,7 @@ def _loader(run: Run):
     """This epoch's remaining micro-batches. The loader has its own generator: making the iterator
     must not draw from the global RNG, or a resumed epoch would shift it."""
     batches = epoch_batches(len(run.train_data), run.cfg, run.epoch, run.world, run.rank)
-    return iter(torch.utils.data.DataLoader(
+    return worker_errors_in_one_line(torch.utils.data.DataLoader(
         run.train_set, batch_sampler=batches[run.batch * run.cfg.accum_steps:], num_workers=run.cfg.workers,
         pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed + run.epoch)))
 
@@ -486,7 +511,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
     ``resume``: a checkpoint (``<out>/last.pt``) whose run to continue, in its own folder, with its own
     settings; ``cfg`` may then be None, or differ from the run's only in config.RESUME_MUTABLE.
     ``overwrite``: replace a finished or abandoned run in ``cfg.out`` instead of refusing."""
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt = load_checkpoint(resume, for_resume=True) if resume else None
     if ckpt is not None:
         cfg = _resumed_config(cfg, ckpt, Path(resume))
     elif cfg is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .run import read_metrics
+from .run import CHECKPOINT_HELP, read_metrics
 
 
 def _plt():
@@ -155,7 +155,7 @@ def cmd_viz(args):
 
 def add_parser(sub):
     p = sub.add_parser("viz", help="PNGs: patch-embedding filters, depthwise kernels, curves, confusion matrix")
-    p.add_argument("--checkpoint", help="weights of a run (model.safetensors or last.pt)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--layers", default=None, help="depthwise layers to show, 1-based, e.g. 1,4,8 (default: first, middle, last)")
     p.add_argument("--runs", nargs="*", help="run folders (or metrics.jsonl files) whose curves to overlay")

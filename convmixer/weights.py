@@ -103,6 +103,14 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     """None if ``state_dict`` fits ``model`` exactly, else a short list of what does not."""
     own = model.state_dict()
+    odd = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        return f"not tensors: {', '.join(map(str, odd[:3]))}"
+    own_float = {k for k, v in own.items() if v.is_floating_point()}
+    dtypes = [f"{k} is {state_dict[k].dtype}" for k in own_float if k in state_dict
+              and not state_dict[k].is_floating_point()]
+    if dtypes:
+        return f"wrong dtype (weights must be floating point): {', '.join(dtypes[:3])}"
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -124,6 +132,8 @@ def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, sou
     input channels, the patch-embedding weight may differ; any other mismatch is still an error."""
     state_dict = checkpoint_filter_fn(state_dict)
     problem = describe_mismatch(model, state_dict)
+    if problem is not None and problem.startswith(("not tensors", "wrong dtype")):
+        raise WeightsError(f"{source} cannot be used: {problem}")
     if problem is None:
         model.load_state_dict(state_dict, strict=True)
         return []

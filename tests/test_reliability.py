@@ -152,3 +152,12 @@ def test_mixed_sizes_need_img_size(tmp_path):
         decode_folder(scan_folder(tmp_path), None, progress=False)
     streamed = load_dataset("imagefolder", tmp_path, img_size=10)  # resized on the fly, not squashed into a cache
     assert streamed.images is None and len(streamed.files) == 2
+
+
+@pytest.mark.parametrize("key,value", [("weight_decay", "nan"), ("lr", "inf"), ("clip_grad", "nan"),
+                                       ("opt_eps", "nan"), ("mixup", "inf"), ("time_limit", "nan"),
+                                       ("val_split", "-inf"), ("ema_decay", "1.0"), ("cutmix", "nan")])
+def test_non_finite_and_degenerate_settings(key, value, capsys):
+    assert main(["train", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 2

@@ -37,6 +37,10 @@ if mode in ("tune", "late"):
     convmixer.tune_cpu()
 if mode == "cli":
     from convmixer.cli import main
+    sys.argv = ["convmixer", "models", "no_such_pattern"]
+    main()
+if mode == "cli-api":
+    from convmixer.cli import main
     main(["models", "no_such_pattern"])
 print(*state())
 """
@@ -56,6 +60,7 @@ def test_import_changes_nothing_and_the_command_tunes_itself():
     assert _probe("tune") == ["True", "True"]           # convmixer.tune_cpu(): both applied
     assert _probe("late") == ["True", "True"]           # also reaches worker threads already running
     assert _probe("cli") == ["True", "True"]            # the convmixer command applies both to itself
+    assert _probe("cli-api") == ["False", "False"]      # cli.main(argv) called from a program does not
     assert _probe("tune", CONVMIXER_NO_FTZ="1", CONVMIXER_NO_MALLOPT="1") == ["False", "False"]
 
 

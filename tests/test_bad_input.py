@@ -1,0 +1,438 @@
+"""Bad values, files and settings, by class (RELIABILITY.md): each gives one line naming the key or
+file and the fix, exit code 2, before any training or allocation, and nothing written or lost."""
+import gzip
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from convmixer.cli import main
+from convmixer.config import TrainConfig, make_config, read_config_file
+from convmixer.data import TransformedImages, decode, load_dataset
+from convmixer.errors import ConfigError, ConvMixerError, DataError, TrainingError, WeightsError
+from convmixer.run import RunInfo, load_model
+from convmixer.train import train
+
+TINY = dict(dim=16, depth=2, kernel_size=3, patch_size=2, batch_size=32, randaugment_n=0, progress=False,
+            dataset="fashion_mnist", val_split=0, lr=0.01, download=False, amp="off")
+
+
+def one_line(capsys, code, *words):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("(run with --debug"), err  # the message and the hint
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+# --- config values --------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value", [
+    ("epochs", "1e400"), ("seed", "1e30"), ("epochs", "1.5"), ("batch_size", str(2 ** 30)), ("dim", "200000"),
+    ("img_size", "60000"), ("randaugment_m", "31"), ("val_split", "2.5"), ("lr", "11"), ("opt_eps", "0"),
+    ("label_smoothing", "1"), ("warmup_epochs", "30"), ("workers", "-1"), ("depth", "100000"),
+])
+def test_absurd_numbers(key, value, capsys):
+    one_line(capsys, main(["train", f"{key}={value}"]), key)
+
+
+def test_flags_then_words_take_precedence_as_documented(capsys):
+    assert main(["train", "--epochs", "2", "epochs=3", "--print-config"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+
+
+# --- config files -----------------------------------------------------------------------------------
+BAD_FILES = {
+    "aliases.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nmodel: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+    "list.yaml": "out: [a, b]\n",
+    "int_key.yaml": "1: 2\n",
+    "dupe.yaml": "epochs: 3\nepochs: 4\n",
+    "nested.yaml": "model:\n  dim: 4\n",
+    "dupe.toml": "epochs = 3\nepochs = 4\n",
+    "binary.yaml": "\x00\x01\x02\xff",
+    "scalar.yaml": "just a string\n",
+    "tag.yaml": "lr: !!python/object/apply:os.system [echo pwned]\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_config_files(tmp_path, name, capsys):
+    path = tmp_path / name
+    path.write_bytes(BAD_FILES[name].encode("latin1"))
+    start = time.time()
+    one_line(capsys, main(["train", "--config", str(path), "--out", str(tmp_path / "run")]), name)
+    assert time.time() - start < 10 and not (tmp_path / "run").exists()
+
+
+def test_oversized_config_file(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="big.yaml is .* bytes"):
+        read_config_file(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from([f.name for f in TrainConfig.__dataclass_fields__.values()] + ["epochz", "x"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
+                                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                       st.integers(), max_size=2)),
+                       max_size=6))
+def test_property_config_values_give_a_config_or_one_line(values):
+    try:
+        cfg = make_config(None, values)
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    assert isinstance(cfg, TrainConfig)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=200))
+def test_property_yaml_text_gives_a_mapping_or_one_line(text):
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        try:
+            data = read_config_file(f.name)
+        except ConfigError as e:
+            assert "\n" not in str(e)
+            return
+        assert isinstance(data, dict)
+        try:
+            make_config(f.name, {})
+        except ConfigError as e:
+            assert "\n" not in str(e)
+    finally:
+        os.unlink(f.name)
+
+
+# --- data files ----------------------------------------------------------------------------------
+def _write_idx(path, header: bytes, body: bytes):
+    with gzip.open(path, "wb") as f:
+        f.write(header + body)
+
+
+def test_idx_with_impossible_header_or_labels(fashion_dir):
+    raw = fashion_dir / "FashionMNIST" / "raw"
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 1) + struct.pack(">I", 200),
+               bytes([0, 1, 200] + [3] * 197))
+    with pytest.raises(DataError, match="labels 0..200 but there are 10 classes"):
+        load_dataset("fashion_mnist", fashion_dir, train=False)
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", *[2 ** 32 - 1] * 3),
+               b"\0" * 100)
+    with pytest.raises(DataError, match="t10k-images.*truncated or corrupt"):
+        load_dataset("fashion_mnist", fashion_dir, train=False)
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 0), b"")
+    with pytest.raises(DataError, match="impossible IDX header"):
+        load_dataset("fashion_mnist", fashion_dir, train=False)
+
+
+def test_cifar_labels_out_of_range(cifar_dir):
+    path = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    entry = pickle.load(open(path, "rb"))
+    entry["labels"][5] = 12
+    pickle.dump(entry, open(path, "wb"))
+    with pytest.raises(DataError, match="labels 0..12 but there are 10 classes"):
+        load_dataset("cifar10", cifar_dir, train=False)
+
+
+def _folder(root, n=8, size=8):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shade = (37 * i) % 100 + (0 if c == "a" else 155)  # class a dark, class b bright
+            Image.fromarray(np.full((size, size, 3), shade, np.uint8)).save(
+                root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling", "loop", "directory"])
+def test_entries_that_are_not_regular_files(tmp_path, kind):
+    root = _folder(tmp_path / "data")
+    odd = root / "b" / "zz.jpg"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "dangling":
+        odd.symlink_to(tmp_path / "gone.jpg")
+    elif kind == "loop":
+        odd.symlink_to(odd)
+    else:
+        odd.mkdir()
+    start = time.time()
+    if kind == "directory":  # a folder named like an image is just a folder
+        assert len(load_dataset("imagefolder", root, cache=False)) == 16
+        return
+    with pytest.raises(DataError, match="zz.jpg is not a regular file.*--skip-bad-images"):
+        load_dataset("imagefolder", root, cache=False)
+    assert len(load_dataset("imagefolder", root, cache=False, skip_bad_images=True)) == 16
+    assert time.time() - start < 10  # a FIFO is never opened: nothing hangs
+
+
+def test_skip_bad_images_keeps_each_images_own_label(tmp_path):
+    root = _folder(tmp_path / "data")
+    (root / "a" / "0.png").write_bytes(b"not a png")  # the first image is corrupt
+    data = load_dataset("imagefolder", root, cache=False, skip_bad_images=True)
+    dataset = TransformedImages(data, lambda x: x, skip_bad_images=True)
+    for i in range(len(data)):
+        img, label = dataset[i]
+        assert label == (0 if img[0, 0, 0] < 128 else 1)  # class a is dark, class b bright
+
+
+def test_float_tiff_is_scaled_not_black(tmp_path):
+    a = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(a, mode="F").save(tmp_path / "f.tiff")
+    img = decode(str(tmp_path / "f.tiff"))
+    assert img.dtype == torch.uint8 and img.max() == 255 and img.min() == 0
+    b = np.full((8, 8), np.nan, dtype=np.float32)
+    Image.fromarray(b, mode="F").save(tmp_path / "nan.tiff")
+    with pytest.raises(DataError, match="nan.tiff.*NaN"):
+        decode(str(tmp_path / "nan.tiff"))
+
+
+def test_worker_errors_are_one_line(tmp_path, capsys):
+    root = _folder(tmp_path / "data" / "train", n=20)
+    _folder(tmp_path / "data" / "val", n=4)
+    good = (root / "a" / "3.png").read_bytes()
+    (root / "a" / "3.png").write_bytes(good[: len(good) // 2])  # truncated
+    code = main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--cache", "false",
+                 "--workers", "1", "--batch-size", "8", "--dim", "8", "--depth", "1", "--patch-size", "2",
+                 "--epochs", "1", "--progress", "false", "--out", str(tmp_path / "run"), "--val-split", "0"])
+    one_line(capsys, code, "3.png")
+
+
+def test_cache_on_and_off_give_the_same_batches(tmp_path):
+    root = _folder(tmp_path / "data", n=6, size=12)
+    cached = load_dataset("imagefolder", root, img_size=12)
+    streamed = load_dataset("imagefolder", root, img_size=12, cache=False)
+    assert cached.images is not None and streamed.images is None
+    from convmixer.data import eval_batches, eval_transform
+    transform = eval_transform(12, 0.5, [0.5] * 3, [0.25] * 3)  # crop_pct applies on both paths
+    a = next(eval_batches(cached, 12, transform))
+    b = next(eval_batches(streamed, 12, transform))
+    torch.testing.assert_close(a[0], b[0]) and torch.testing.assert_close(a[1], b[1])
+    from convmixer.train import _native_size
+    assert _native_size(cached, False) == _native_size(streamed, False) == 12  # not 224 when streamed
+
+
+# --- archives ----------------------------------------------------------------------------------------
+def _jpeg_tarball(path, shade):
+    src = path.parent / f"src_{shade}"
+    for c in ("airplane", "automobile"):
+        d = src / "cifar10-jpg" / "train" / c
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (shade, shade, shade)).save(d / f"{i}.jpg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src / "cifar10-jpg", arcname="cifar10-jpg")
+
+
+def test_a_replaced_archive_is_unpacked_again(tmp_path):
+    a, b = tmp_path / "A" / "cifar10-jpg-train.tar.gz", tmp_path / "B" / "cifar10-jpg-train.tar.gz"
+    _jpeg_tarball(a, 10)
+    _jpeg_tarball(b, 240)
+    assert load_dataset("cifar10", a.parent).images.float().mean() < 50
+    assert load_dataset("cifar10", b.parent).images.float().mean() > 200
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_archive_names_the_file(tmp_path, damage):
+    path = tmp_path / "d" / "cifar10-jpg-train.tar.gz"
+    _jpeg_tarball(path, 100)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(2000), "empty": b""}[damage])
+    with pytest.raises(DataError, match=r"cifar10-jpg-train.tar.gz cannot be unpacked") as info:
+        load_dataset("cifar10", path.parent)
+    assert "\n" not in str(info.value)
+
+
+def test_cache_folder_that_is_a_file(tmp_path, monkeypatch, folder_dir):
+    (tmp_path / "cachefile").write_text("")
+    monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cachefile"))
+    with pytest.raises(DataError, match="cache folder .* is a file"):
+        load_dataset("imagefolder", folder_dir, img_size=32)
+
+
+# --- weights and metadata --------------------------------------------------------------------------
+def _weights(tmp_path, **meta_changes):
+    import convmixer
+    from convmixer.run import RunInfo
+    model = convmixer.create_model("convmixer_256_8", dim=8, depth=2, num_classes=3)
+    info = RunInfo(model_args=dict(model.model_args), classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.2] * 3,
+                   img_size=16, crop_pct=1.0)
+    meta = info.to_metadata()
+    for k, v in meta_changes.items():
+        if k.startswith("args_"):
+            args = json.loads(meta["model_args"])
+            args[k[5:]] = v
+            meta["model_args"] = json.dumps(args)
+        else:
+            meta[k] = v
+    path = tmp_path / "w.safetensors"
+    convmixer.save_weights(model, path, meta)
+    return path
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(args_depth=2_000_000), "depth=2000000 is outside"), (dict(args_dim=200_000), "dim=200000 is outside"),
+    (dict(img_size="60000"), "img_size=60000 is outside"), (dict(classes='["a"]'), "names 1 classes for a 3-class"),
+    (dict(args_depth=3), "depth=3 but the tensors say 2"), (dict(model_args="[1, 2]"), "model_args must be a mapping"),
+    (dict(mean="{"), "malformed metadata"), (dict(std="[0, 0, 0]"), "std > 0"), (dict(args_dim="x"), "dim='x'"),
+])
+def test_bad_metadata_is_refused_before_building(tmp_path, changes, words):
+    path = _weights(tmp_path, **changes)
+    start = time.time()
+    with pytest.raises(WeightsError, match=None) as info:
+        load_model(path)
+    assert words in str(info.value) and time.time() - start < 5
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    import convmixer
+    model = convmixer.create_model("convmixer_256_8", dim=8, depth=2, num_classes=3)
+    state = {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "int.pth")
+    with pytest.raises(WeightsError, match="wrong dtype"):
+        convmixer.load_weights(model, tmp_path / "int.pth")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["model_args", "classes", "mean", "std", "img_size", "crop_pct", "config",
+                                        "model_name", "dataset"]),
+                       st.one_of(st.text(max_size=20), st.integers(-5, 10 ** 7).map(str),
+                                 st.lists(st.integers(-3, 10 ** 6), max_size=4).map(json.dumps),
+                                 st.dictionaries(st.sampled_from(["dim", "depth", "kernel_size", "patch_size",
+                                                                  "num_classes", "in_chans", "act_layer"]),
+                                                 st.one_of(st.integers(-2, 10 ** 7), st.text(max_size=4)),
+                                                 max_size=7).map(json.dumps)), max_size=9))
+def test_property_metadata_gives_a_model_or_one_line(tmp_path, meta):
+    import convmixer
+    model = convmixer.create_model("convmixer_256_8", dim=8, depth=2, num_classes=3)
+    path = tmp_path / "p.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    try:
+        loaded, info = load_model(path)
+    except WeightsError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(info, RunInfo)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+def test_checkpoint_without_a_section_cannot_resume_but_still_evaluates(tmp_path, fashion_dir, capsys):
+    train(make_config(None, {**TINY, "data_dir": str(fashion_dir), "out": str(tmp_path / "run"), "epochs": 1}))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    one_line(capsys, main(["train", "--resume", str(tmp_path / "run" / "last.pt")]), "lacks optimizer", "--pretrained")
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--json"]) == 0
+
+
+def test_resume_on_data_with_other_classes(tmp_path, fashion_dir, cifar_dir, folder_dir):
+    out = tmp_path / "run"
+    base = {**TINY, "dataset": "imagefolder", "data_dir": str(folder_dir), "img_size": 32, "out": str(out)}
+    train(make_config(None, {**base, "epochs": 1}))
+    other = tmp_path / "other"
+    _folder(other / "train", n=40, size=32)
+    _folder(other / "test", n=4, size=32)
+    with pytest.raises(TrainingError, match="has 2 classes .* but this run trained on 4"):
+        train(make_config(None, {**base, "epochs": 2, "data_dir": str(other)}), resume=out / "last.pt")
+
+
+# --- output paths ---------------------------------------------------------------------------------------
+def test_unwritable_output_paths(tmp_path, fashion_dir, capsys):
+    (tmp_path / "afile").write_text("")
+    args = ["--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0", "--epochs", "1",
+            "--dim", "8", "--depth", "1", "--batch-size", "32", "--progress", "false"]
+    one_line(capsys, main(["train", *args, "--out", str(tmp_path / "afile")]), "is a file")
+    one_line(capsys, main(["train", *args, "--out", str(tmp_path / "afile" / "sub")]), "afile")
+    assert main(["train", *args, "--out", str(tmp_path / "ok")]) == 0
+    w = str(tmp_path / "ok" / "model.safetensors")
+    one_line(capsys, main(["export", "--checkpoint", w, "--format", "onnx", "--out", str(tmp_path)]), "is a folder")
+    one_line(capsys, main(["export", "--checkpoint", w, "--format", "torchscript", "--out",
+                           str(tmp_path / "afile" / "m.pt")]), "afile")
+    one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(tmp_path / "afile")]), "afile")
+
+
+# --- command arguments ------------------------------------------------------------------------------
+def test_bad_command_arguments(tmp_path, fashion_dir, capsys):
+    train(make_config(None, {**TINY, "data_dir": str(fashion_dir), "out": str(tmp_path / "run"), "epochs": 1}))
+    w = str(tmp_path / "run" / "model.safetensors")
+    Image.new("L", (28, 28)).save(tmp_path / "x.png")
+    one_line(capsys, main(["eval", "--checkpoint", w, "--batch-size", "0"]), "batch size")
+    one_line(capsys, main(["predict", "--checkpoint", w, "--top-k", "0", str(tmp_path / "x.png")]), "top-k")
+    one_line(capsys, main(["predict", "--checkpoint", w, "--top-k", "-1", str(tmp_path / "x.png")]), "top-k")
+    if not torch.cuda.is_available():
+        one_line(capsys, main(["eval", "--checkpoint", w, "--device", "cuda"]), "--device cuda")
+    one_line(capsys, main(["eval", "--checkpoint", w, "--device", "potato"]), "potato")
+    one_line(capsys, main(["bench", "--model", "convmixer_999"]), "unknown model")
+    one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(tmp_path / "v"), "--layers", "9"]), "--layers")
+
+
+def test_ablate_reruns_a_half_written_cell(tmp_path, fashion_dir, capsys):
+    from convmixer.ablate import parse_grid, run_grid
+    fixed = {k: str(v) for k, v in {**TINY, "data_dir": str(fashion_dir), "epochs": 1, "subset": 200,
+                                    "val_split": 50}.items()}
+    grid = parse_grid(["kernel_size=3"])
+    run_grid(None, grid, tmp_path / "abl", fixed, full=True)
+    cell = next((tmp_path / "abl" / "cells").iterdir()) / "cell.json"
+    cell.write_text('{"val_top1": 0.')  # cut short
+    capsys.readouterr()
+    results = run_grid(None, grid, tmp_path / "abl", fixed, full=True)
+    assert len(results) == 1 and json.loads(cell.read_text())["val_top1"] == results[0]["val_top1"]
+
+
+# --- signals ----------------------------------------------------------------------------------------------
+STUCK_IN_EVALUATION = """
+import sys, time, pathlib
+import convmixer.train as t
+real = t.evaluate
+def slow(*a, **k):
+    pathlib.Path(sys.argv[1]).write_text("evaluating")
+    time.sleep(120)  # stands for anything slow that cannot notice a flag
+    return real(*a, **k)
+t.evaluate = slow
+from convmixer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_signal_stops_at_once(tmp_path, fashion_dir):
+    marker = tmp_path / "marker"
+    args = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0", "--epochs",
+            "3", "--batch-size", "32", "--dim", "16", "--depth", "2", "--progress", "false", "--out",
+            str(tmp_path / "run")]
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_IN_EVALUATION, str(marker), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # noted: it would stop after the evaluation
+    time.sleep(0.5)
+    start = time.time()
+    proc.send_signal(signal.SIGINT)  # the second one stops it now
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - start < 10, err
+    assert "send it again to stop at once" in err
+
+
+def test_user_errors_share_one_base():
+    for cls in (ConfigError, DataError, WeightsError, TrainingError):
+        assert issubclass(cls, ConvMixerError)
