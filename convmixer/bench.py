@@ -138,6 +138,12 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
     if model_name not in VARIANTS:
         from .model import model_kwargs
         model_kwargs(model_name)  # a one-line "unknown model ... did you mean" error
+    from .config import RANGES, check_range
+    check_range("--img-size", img_size, 1, RANGES["img_size"][1])
+    for name, value in (("--batch-size", batch_size), ("--infer-batch-size", infer_batch_size)):
+        check_range(name, value, 1, 65536)
+    check_range("--steps", steps, 1, 100_000)
+    check_range("--warmup", warmup, 0, 100_000)
     img_size = img_size or VARIANTS[model_name].input_size
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

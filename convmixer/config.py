@@ -149,6 +149,13 @@ class TrainConfig:
         return self
 
 
+def check_range(name: str, value, low, high):
+    """For command arguments outside TrainConfig (image sizes, batch sizes of bench/summary/export)."""
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{name} {value} is outside {low}..{high}")
+    return value
+
+
 def _field_types() -> dict:
     return typing.get_type_hints(TrainConfig)
 

@@ -192,6 +192,8 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
     """One image file as uint8 C x H x W (RGB, or grayscale when channels == 1); any mode,
     bit depth or alpha is converted. Unreadable files raise DataError naming the file."""
     from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end; a folder is not an image
+        raise DataError(f"cannot read image {path}: {'no such file' if not os.path.exists(path) else 'not a regular file'}")
     try:
         with Image.open(path) as im:
             im.load()

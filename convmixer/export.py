@@ -57,6 +57,8 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
 def cmd_export(args):
     from .run import load_model
     model, info = load_model(args.checkpoint)
+    from .config import RANGES, check_range
+    check_range("--img-size", args.img_size, model.patch_size, RANGES["img_size"][1])
     result = export(model, args.out, args.format, args.img_size or info.img_size, metadata=info.to_metadata())
     line = f"wrote {result['path']}"
     if "max_abs_diff" in result:

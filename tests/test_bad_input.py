@@ -384,6 +384,13 @@ def test_bad_command_arguments(tmp_path, fashion_dir, capsys):
     one_line(capsys, main(["eval", "--checkpoint", w, "--device", "potato"]), "potato")
     one_line(capsys, main(["bench", "--model", "convmixer_999"]), "unknown model")
     one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(tmp_path / "v"), "--layers", "9"]), "--layers")
+    one_line(capsys, main(["summary", "--img-size", "100000"]), "--img-size 100000")
+    one_line(capsys, main(["bench", "--batch-size", "0"]), "--batch-size 0")
+    one_line(capsys, main(["export", "--checkpoint", w, "--out", str(tmp_path / "m.onnx"), "--img-size", "1"]), "--img-size 1")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "dir.png").mkdir()
+    for name in ("pipe.png", "dir.png", "missing.png"):  # never opened, so nothing hangs
+        one_line(capsys, main(["predict", "--checkpoint", w, str(tmp_path / name)]), name)
 
 
 def test_ablate_reruns_a_half_written_cell(tmp_path, fashion_dir, capsys):
@@ -436,3 +443,19 @@ def test_a_second_signal_stops_at_once(tmp_path, fashion_dir):
 def test_user_errors_share_one_base():
     for cls in (ConfigError, DataError, WeightsError, TrainingError):
         assert issubclass(cls, ConvMixerError)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=3000), suffix=st.sampled_from([".pth", ".pth.tar", ".safetensors", ".pt"]),
+       prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x08\x00\x00\x00\x00\x00\x00\x00{"]))
+def test_property_weights_reader_gives_tensors_or_one_line(tmp_path, data, suffix, prefix):
+    """Random bytes (with the magic numbers of zip, pickle and safetensors in front) as a weights file."""
+    from convmixer.weights import read_state_dict
+    path = tmp_path / f"w{suffix}"
+    path.write_bytes(prefix + data)
+    try:
+        state = read_state_dict(path)
+    except WeightsError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(state, dict)
