@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -15,7 +15,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # the allowed range of every number: (lowest, highest, lowest excluded, highest excluded); values a file or
 # a flag may set are bounded so that no setting can make us allocate without limit
 RANGES = {
-    "dim": (1, 8192, False, False), "depth": (1, 256, False, False), "kernel_size": (1, 63, False, False),
+    "val_max": (0, 10 ** 8, False, False), "dim": (1, 8192, False, False), "depth": (1, 256, False, False), "kernel_size": (1, 63, False, False),
     "patch_size": (1, 64, False, False), "img_size": (1, 4096, False, False), "val_split": (0, 1e8, False, False),
     "subset": (0, 10 ** 8, False, False), "workers": (0, 256, False, False), "epochs": (1, 100_000, False, False),
     "batch_size": (1, 2 ** 20, False, False), "accum_steps": (1, 4096, False, False), "lr": (0, 10, True, False),
@@ -36,73 +36,83 @@ RESUME_MUTABLE = ("epochs", "time_limit", "workers", "progress", "tensorboard", 
                   "data_dir", "download", "cache", "compile", "grad_checkpointing")
 
 
+def _f(default, help: str):
+    """A config field with its one-line --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # model: a named variant, optionally changed
-    model: str = "convmixer_256_8"
-    dim: int | None = None
-    depth: int | None = None
-    kernel_size: int | None = None
-    patch_size: int | None = None
-    activation: str | None = None        # gelu | relu | silu (default: the variant's)
-    residual: bool = True                # ablation: False drops the depthwise residual
-    norm: str = "batchnorm"              # batchnorm | layernorm (ablation)
-    pretrained: str | None = None        # path to weights to start from (fine-tuning)
+    model: str = _f("convmixer_256_8", "a named variant (convmixer models lists them)")
+    dim: int | None = _f(None, "hidden width h (default: the variant's)")
+    depth: int | None = _f(None, "number of ConvMixer layers d (default: the variant's)")
+    kernel_size: int | None = _f(None, "depthwise kernel size k (default: the variant's)")
+    patch_size: int | None = _f(None, "patch size p (default: the variant's)")
+    activation: str | None = _f(None, "gelu | relu | silu (default: the variant's)")
+    residual: bool = _f(True, "the residual around the depthwise convolution (false: the paper's ablation)")
+    norm: str = _f("batchnorm", "batchnorm | layernorm (the paper's ablation)")
+    pretrained: str | None = _f(None, "weights to start from: a file, a run folder, or a shipped name (cifar10, "
+                                      "fashion_mnist); takes their normalisation and image size; the head is "
+                                      "replaced when the classes differ")
     # data
-    dataset: str = "cifar10"             # cifar10 | cifar100 | fashion_mnist | mnist | imagefolder
-    data_dir: str = "data"
-    val_split: float = 5000              # images (or fraction if < 1) carved from train; 0 = use the test split
-    img_size: int | None = None          # default: the data set's own size
-    subset: int = 0                      # train on a seeded random N of the training images (quick runs); 0 = all
-    download: bool = True
-    skip_bad_images: bool = False
-    workers: int = 0                     # DataLoader worker processes (0 = in the training process)
-    cache: bool = True                   # decode small image sets once into a uint8 tensor (false: every epoch)
+    dataset: str = _f("cifar10", "cifar10 | cifar100 | fashion_mnist | mnist | imagefolder")
+    data_dir: str = _f("data", "where the data set is (for imagefolder: DIR/train/<class>/*, DIR/val/<class>/*)")
+    val_split: float | None = _f(None, "validation images carved from the training split (a count, or a "
+                                       "fraction < 1); 0 = the data set's own val/test split; default: that "
+                                       "split for an imagefolder that has one, else 5000")
+    val_max: int = _f(0, "evaluate on at most N validation images (a seeded subset; quick runs); 0 = all")
+    img_size: int | None = _f(None, "training and evaluation image size (default: the images' own, or the "
+                                    "pretrained weights')")
+    subset: int = _f(0, "train on a seeded random N of the training images (quick runs); 0 = all")
+    download: bool = _f(True, "download the data set when it is not in data_dir")
+    skip_bad_images: bool = _f(False, "skip unreadable images (and entries that are not files) instead of stopping")
+    workers: int = _f(0, "DataLoader worker processes (0 = in the training process)")
+    cache: bool = _f(True, "decode small image sets once into a uint8 tensor (false: decode every epoch)")
     # recipe
-    epochs: int = 25
-    batch_size: int = 512                # global batch per optimizer step (all processes, all accumulation)
-    accum_steps: int = 1                 # gradient accumulation: micro-batch = batch_size / (world * accum)
-    lr: float = 0.05
-    weight_decay: float = 0.005
-    opt_eps: float = 1e-8
-    schedule: str = "onecycle"           # onecycle (piecewise linear) | cosine | constant
-    peak_at: float = 0.4                 # onecycle: fraction of training at which lr peaks
-    knee_at: float = 0.8                 # onecycle: the decline reaches knee_lr at this fraction, then
-    knee_lr: float = 0.05                #   goes on to final_lr (the authors' script: 0.8, lr/20); 0 = no knee
-    final_lr: float = 0.0                # onecycle / cosine: lr at the end, as a fraction of lr
-    warmup_epochs: float = 0.0           # cosine / constant: linear warm-up
-    clip_grad: float = 1.0               # gradient-norm clipping; 0 = off
-    label_smoothing: float = 0.0
-    scale_min: float = 1.0               # random-resized-crop scale range (scale_min, 1)
-    hflip: float = 0.5
-    randaugment_n: int = 2
-    randaugment_m: int = 12
-    color_jitter: float = 0.0
-    random_erasing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    crop_pct: float = 1.0
-    ema_decay: float = 0.0               # exponential moving average of weights; 0 = off
-    tta_flip: bool = False               # evaluation averages the image and its mirror
-    tta_shift: int = 0                   # evaluation also averages views shifted by +-N pixels; 0 = off
+    epochs: int = _f(25, "training epochs (with time_limit: the most epochs)")
+    batch_size: int = _f(512, "global batch per optimizer step (all processes, all accumulation steps)")
+    accum_steps: int = _f(1, "gradient accumulation: micro-batch = batch_size / (processes x accum_steps)")
+    lr: float = _f(0.05, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.005, "AdamW decoupled weight decay (not on biases and norms)")
+    opt_eps: float = _f(1e-8, "AdamW epsilon")
+    schedule: str = _f("onecycle", "onecycle (piecewise linear) | cosine | constant")
+    peak_at: float = _f(0.4, "onecycle: fraction of training at which the lr peaks")
+    knee_at: float = _f(0.8, "onecycle: fraction at which the decline reaches knee_lr (0 = no knee)")
+    knee_lr: float = _f(0.05, "onecycle: lr at knee_at as a fraction of lr (the authors' script: 0.05)")
+    final_lr: float = _f(0.0, "onecycle / cosine: lr at the end, as a fraction of lr")
+    warmup_epochs: float = _f(0.0, "cosine / constant: linear warm-up epochs")
+    clip_grad: float = _f(1.0, "gradient-norm clipping; 0 = off")
+    label_smoothing: float = _f(0.0, "label smoothing in [0, 1)")
+    scale_min: float = _f(1.0, "random-resized-crop scale range (scale_min, 1); 1 = no crop")
+    hflip: float = _f(0.5, "probability of a horizontal flip")
+    randaugment_n: int = _f(2, "RandAugment operations per image; 0 = off")
+    randaugment_m: int = _f(12, "RandAugment magnitude, 0..30")
+    color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength; 0 = off")
+    random_erasing: float = _f(0.0, "probability of random erasing; 0 = off")
+    mixup: float = _f(0.0, "mixup alpha; 0 = off")
+    cutmix: float = _f(0.0, "CutMix alpha; 0 = off (with mixup: one of the two per batch)")
+    crop_pct: float = _f(1.0, "evaluation: resize to img_size / crop_pct, then centre-crop img_size")
+    ema_decay: float = _f(0.0, "exponential moving average of the weights, in [0, 1); 0 = off")
+    tta_flip: bool = _f(False, "evaluation averages each image and its mirror")
+    tta_shift: int = _f(0, "evaluation also averages views shifted by +-N pixels; 0 = off")
     # execution
-    amp: str = "auto"                    # auto | bf16 | fp16 | off
-    channels_last: bool = True
-    fast: bool = True                    # the fast depthwise-convolution backward (fastops)
-    grad_checkpointing: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    seed: int = 0
-    deterministic: bool = False
+    amp: str = _f("auto", "auto | bf16 | fp16 | off (auto: bf16 where the hardware has it)")
+    channels_last: bool = _f(True, "channels-last memory layout")
+    fast: bool = _f(True, "the fast depthwise-convolution backward (CPU)")
+    grad_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)")
+    compile: bool = _f(False, "torch.compile the model")
+    sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU DDP)")
+    seed: int = _f(0, "random seed (data order, augmentation, initialisation, validation split)")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable CPU runs)")
     # output
-    out: str = "runs/default"
-    save_every: int = 0                  # also keep epoch_<n>.pt every N epochs; 0 = off
-    eval_every: int = 1
-    time_limit: float = 0.0              # minutes: the schedule spans this much wall-clock (training and
-                                         # evaluations) and training stops when it is spent; epochs is
-                                         # then an upper bound; 0 = off
-    progress: bool = True
-    tensorboard: bool = False
+    out: str = _f("runs/default", "the run's folder (refused if it holds another run, unless --overwrite)")
+    save_every: int = _f(0, "also keep epoch_<n>.pt every N epochs; 0 = off")
+    eval_every: int = _f(1, "validate every N epochs (and at the end)")
+    time_limit: float = _f(0.0, "minutes: the schedule spans this wall-clock and training stops when it is "
+                                "spent; epochs is then an upper bound; 0 = off")
+    progress: bool = _f(True, "progress bars on stderr")
+    tensorboard: bool = _f(False, "also write TensorBoard logs (pip install 'convmixer[tensorboard]')")
 
     def model_overrides(self) -> dict:
         out = {k: getattr(self, k) for k in ("dim", "depth", "kernel_size", "patch_size") if getattr(self, k)}
@@ -141,7 +151,7 @@ class TrainConfig:
             raise ConfigError(f"knee_at must lie between peak_at ({self.peak_at}) and 1, got {self.knee_at}")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs:g} is longer than the {self.epochs} epochs")
-        if self.val_split >= 1 and not float(self.val_split).is_integer():
+        if self.val_split is not None and self.val_split >= 1 and not float(self.val_split).is_integer():
             raise ConfigError(f"val_split={self.val_split:g}: give a fraction below 1 or a whole number of images")
         patch = self.patch_size or VARIANTS[self.model].patch_size
         if self.img_size is not None and patch > self.img_size:

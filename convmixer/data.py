@@ -330,7 +330,8 @@ def _cifar10_jpeg_folder(root: Path) -> Path | None:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img_size: int | None = None,
-                 download: bool = True, skip_bad_images: bool = False, cache: bool = True) -> ImageData:
+                 download: bool = True, skip_bad_images: bool = False, cache: bool = True,
+                 progress: bool = True, prefer: str = "val") -> ImageData:
     """Read a data set split. ``name`` is one of DATASETS; ``data_dir`` holds it in the torchvision
     on-disk layout (or the JPEG ImageFolder copy of CIFAR-10, or its .tar.gz). Returns decoded
     uint8 images when the set is small, file paths otherwise (``cache=False`` forces files)."""
@@ -338,7 +339,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if name == "imagefolder":
-        splits = ["train"] if train else ["val", "test"]
+        splits = ["train"] if train else (["test", "val"] if prefer == "test" else ["val", "test"])
         split = next((root / s for s in splits if (root / s).is_dir()), None)
         if split is None and not train:
             raise DataError(f"{root} has no val/ or test/ folder: add one, or use --val-split to carve a "
@@ -348,7 +349,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
         first = first_image(folder, skip_bad_images)
         cache = cache and (img_size is None or tuple(first.shape[-2:]) == (img_size, img_size))
         # up to 200k images are decoded once (at img_size, or their own size when they all share one)
-        return decode_folder(folder, img_size, skip_bad_images) if cache and len(folder) <= 200_000 else folder
+        return (decode_folder(folder, img_size, skip_bad_images, progress) if cache and len(folder) <= 200_000
+                else folder)
     if name.startswith("cifar"):
         hundred = name == "cifar100"
         torchvision_folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
@@ -359,7 +361,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
                     raise DataError(f"the JPEG copy of CIFAR-10 in {root} has no test split: use --val-split, "
                                     f"or --dataset imagefolder --data-dir <folder with test/>")
                 folder = scan_folder(jpeg, skip_bad_images)
-                return decode_folder(folder, 32, skip_bad_images) if cache else folder
+                return decode_folder(folder, 32, skip_bad_images, progress) if cache else folder
         if not torchvision_folder.is_dir():
             if not download:
                 raise DataError(f"{name} not found under {root}: pass --data-dir pointing at a local copy")

@@ -1,6 +1,8 @@
 """Evaluation (top-1/top-5, per-class accuracy, confusion matrix) and prediction on image files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -72,22 +74,28 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
 
 def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_split=None,
                    skip_bad_images=False) -> tuple[ImageData, str, str]:
-    """The images to evaluate a run's model on. Defaults come from the run's config: its data set and
-    folder, and ``split="val"`` (the same seeded split of the training set) when it trained with one,
-    else the test split."""
+    """The images to evaluate a run's model on, and the name of the split. Defaults come from the run's
+    config: its data set and folder, and the split it validated on: the same seeded split of the
+    training set when it carved one, else the data set's own (an image folder's val/ or test/)."""
     cfg = info.config
     dataset = dataset or info.dataset or cfg.get("dataset")
     if not dataset:
         raise ConfigError("this model does not say which data it was trained on: pass --dataset and --data-dir")
     data_dir = data_dir or cfg.get("data_dir", "data")
-    split = split or ("val" if cfg.get("val_split", 0) else "test")
+    carved = val_split or cfg.get("val_split") or 0  # images the run held out of its training split
+    folders = [s for s in ("val", "test") if dataset == "imagefolder" and (Path(data_dir) / s).is_dir()]
+    split = split or ("val" if carved or folders[:1] == ["val"] else "test")
     kwargs = dict(img_size=info.img_size, download=False, skip_bad_images=skip_bad_images)
-    if split == "test":
-        data = load_dataset(dataset, data_dir, train=False, **kwargs)
-    else:
+    if split == "val" and carved:
+        data = split_train_val(load_dataset(dataset, data_dir, train=True, **kwargs), carved,
+                               seed=cfg.get("seed", 0))[1]
+        split = f"val (seeded {len(data)} of the training split)"
+    elif split == "train":
         data = load_dataset(dataset, data_dir, train=True, **kwargs)
-        if split == "val":
-            data = split_train_val(data, val_split or cfg.get("val_split", 5000), seed=cfg.get("seed", 0))[1]
+    else:  # the data set's own held-out split; an image folder's val/ or test/ as asked
+        data = load_dataset(dataset, data_dir, train=False, prefer=split, **kwargs)
+        if folders:
+            split = split if split in folders else folders[0]
     if list(data.classes) != list(info.classes):
         raise DataError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info.classes[:4]}...: "
                         f"use a folder with the same class names")

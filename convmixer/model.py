@@ -219,6 +219,7 @@ class Variant:
     std: tuple = IMAGENET_STD
     crop_pct: float = 0.96
     url: str | None = None
+    shipped: str | None = None  # weights shipped in the package (pretrained=True loads them)
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -235,7 +236,8 @@ VARIANTS: dict[str, Variant] = {
     "convmixer_1024_20_ks9_p14": Variant(1024, 20, 9, 14, url=RELEASE_URL + "convmixer_1024_20_ks9_p14.pth.tar",
                                          note="ImageNet 76.94% top-1, 24.4M params"),
     # CIFAR-10 models.
-    "convmixer_256_8": Variant(256, 8, 5, 2, **_CIFAR, note="the authors' CIFAR-10 script: ~92.5% in 25 epochs"),
+    "convmixer_256_8": Variant(256, 8, 5, 2, **_CIFAR, shipped="cifar10",
+                               note="the authors' CIFAR-10 script: ~92.5% in 25 epochs; shipped weights"),
     "convmixer_256_8_ks9_p1": Variant(256, 8, 9, 1, **_CIFAR, note="paper's CIFAR-10 model, 0.707M params, ~96%"),
     "convmixer_256_8_ks9_p2": Variant(256, 8, 9, 2, **_CIFAR, note="paper CIFAR-10 table, p=2"),
     "convmixer_256_8_ks7_p1": Variant(256, 8, 7, 1, **_CIFAR, note="paper CIFAR-10 table, k=7"),
@@ -264,18 +266,36 @@ def model_kwargs(name: str) -> dict:
 
 def create_model(name: str, pretrained=False, **overrides) -> ConvMixer:
     """Build a named variant. ``pretrained=True`` loads the official release weights (downloaded
-    once into the torch hub cache), ``pretrained="file.pth|.pth.tar|.safetensors"`` a local file.
+    once into the torch hub cache; for ``convmixer_256_8`` the shipped CIFAR-10 weights),
+    ``pretrained="cifar10" | "fashion_mnist"`` the project's shipped weights (their architecture:
+    patch size, input channels), ``pretrained="file.pth|.pth.tar|.safetensors"`` a local file.
     Any constructor argument can be overridden (``num_classes=10``, ``in_chans=1``, ...); with
     pretrained weights a different ``num_classes`` gets a fresh classifier."""
+    from .weights import architecture_of, load_pretrained, shipped_weights
+    variant = VARIANTS.get(name)
+    if pretrained is True and variant is not None and variant.url is None and variant.shipped:
+        pretrained = variant.shipped
     kwargs = model_kwargs(name)
+    if shipped_weights(pretrained) is not None:  # shipped weights bring their own architecture
+        kwargs.update(architecture_of(shipped_weights(pretrained)))
     kwargs.update(overrides)
     model = ConvMixer(**kwargs)
-    model.pretrained_cfg = VARIANTS[name]
+    model.pretrained_cfg = pretrained_cfg(name, model)
     model.model_name = name
     if pretrained:
-        from .weights import load_pretrained
-        load_pretrained(model, name if pretrained is True else pretrained, variant=VARIANTS[name])
+        load_pretrained(model, name if pretrained is True else pretrained, variant=variant)
     return model
+
+
+def pretrained_cfg(name: str, model: "ConvMixer") -> dict:
+    """timm's description of a model's input (``timm.data.resolve_data_config({}, model=m)`` reads it)."""
+    v = VARIANTS[name]
+    mean, std = list(v.mean), list(v.std)
+    if model.in_chans != len(mean):
+        mean, std = [sum(mean) / len(mean)] * model.in_chans, [sum(std) / len(std)] * model.in_chans
+    return {"input_size": (model.in_chans, v.input_size, v.input_size), "interpolation": "bicubic",
+            "mean": tuple(mean), "std": tuple(std), "crop_pct": v.crop_pct, "crop_mode": "center",
+            "num_classes": model.num_classes, "first_conv": "stem.0", "classifier": "head", "url": v.url or ""}
 
 
 def count_parameters(model: nn.Module) -> int:

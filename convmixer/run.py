@@ -25,10 +25,12 @@ import torch
 
 from .config import RANGES, TrainConfig
 from .errors import TrainingError, WeightsError
-from .weights import atomic_write, load_into, read_metadata, read_state_dict, save_weights, torch_load_safely
+from .weights import (atomic_write, load_into, read_metadata, read_state_dict, save_weights, shipped_weights,
+                      torch_load_safely)
 
-CHECKPOINT_HELP = ("a run's model.safetensors / best.safetensors / last.pt, weights saved with "
-                   "convmixer.save_weights, or a variant name with released weights (e.g. convmixer_768_32)")
+CHECKPOINT_HELP = ("a run folder (its model.safetensors), a run's model.safetensors / best.safetensors / last.pt, "
+                   "weights saved with convmixer.save_weights, shipped weights (cifar10, fashion_mnist), or a "
+                   "variant name with released weights (e.g. convmixer_768_32)")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.safetensors", "model.safetensors", "summary.json")
 # what a file's metadata may ask us to build (a 25 KB file must not make us allocate 160 GB)
 LIMITS = {**{k: int(RANGES[k][1]) for k in ("dim", "depth", "kernel_size", "patch_size", "img_size")},
@@ -146,12 +148,29 @@ def _check_shapes(args: dict, state: dict, source):
                            f"({'; '.join(wrong) or 'no stem.0.weight'}): the file is corrupt")
 
 
-def load_model(path: str | Path):
-    """A model (eval mode) and its RunInfo from a run's weights (.safetensors), a training checkpoint
-    (.pt), weights saved with ``convmixer.save_weights``, or the name of a variant with released
-    weights (downloaded once; predicted with the variant's own preprocessing)."""
-    from .model import VARIANTS, ConvMixer, create_model
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file from what a user may name: a file, a run folder (its final, best or last
+    weights), or shipped weights by name."""
+    if shipped_weights(str(path)) is not None and not Path(path).exists():
+        return shipped_weights(str(path))
     path = Path(path)
+    if path.is_dir():
+        found = next((path / n for n in ("model.safetensors", "best.safetensors", "last.pt") if (path / n).is_file()),
+                     None)
+        if found is None:
+            raise WeightsError(f"{path} is a folder without model.safetensors, best.safetensors or last.pt: "
+                               f"point at a run folder or a weights file")
+        return found
+    return path
+
+
+def load_model(path: str | Path):
+    """A model (eval mode) and its RunInfo (classes, preprocessing) from a run folder, a run's weights
+    (.safetensors), a training checkpoint (.pt), weights saved with ``convmixer.save_weights``, shipped
+    weights by name (``cifar10``), or the name of a variant with released weights (downloaded once;
+    predicted with the variant's own preprocessing)."""
+    from .model import VARIANTS, ConvMixer, create_model
+    path = resolve_weights(path)
     if not path.exists() and str(path) in VARIANTS and VARIANTS[str(path)].url:  # released weights by name
         model = create_model(str(path), pretrained=True)
         return model.eval(), RunInfo(model_args=model.model_args, model_name=str(path),

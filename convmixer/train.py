@@ -36,6 +36,7 @@ from .model import ConvMixer, model_kwargs
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
                   save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
+from .weights import load_into, read_metadata, read_state_dict
 
 
 # --- small pure policies ----------------------------------------------------------------------
@@ -203,9 +204,13 @@ def _set_rng_state(state: dict):
 
 
 # --- building a run -----------------------------------------------------------------------------
-def prepare_data(cfg: TrainConfig) -> tuple[ImageData, ImageData, dict]:
-    """Training and validation images, and what the data decides: classes, channels, size, mean/std."""
-    load = dict(img_size=cfg.img_size, download=cfg.download, skip_bad_images=cfg.skip_bad_images, cache=cfg.cache)
+def prepare_data(cfg: TrainConfig, like: RunInfo | None = None) -> tuple[ImageData, ImageData, dict]:
+    """Training and validation images, and what the data decides: classes, channels, size, mean/std.
+    Fine-tuning (``like``: the pretrained weights' RunInfo) keeps the weights' image size and
+    normalisation unless img_size is set."""
+    size = cfg.img_size or (like.img_size if like else None)
+    load = dict(img_size=size, download=cfg.download, skip_bad_images=cfg.skip_bad_images, cache=cfg.cache,
+                progress=cfg.progress)
     train_all = load_dataset(cfg.dataset, cfg.data_dir, train=True, **load)
     if cfg.val_split > 0:
         train, val = split_train_val(train_all, cfg.val_split, seed=cfg.seed)
@@ -214,16 +219,43 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageData, ImageData, dict]:
     if list(val.classes) != list(train_all.classes):
         raise ConfigError(f"the validation classes ({', '.join(val.classes[:4])}...) differ from the training classes "
                           f"({', '.join(train_all.classes[:4])}...): give both splits the same class folders")
-    if cfg.subset:
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.subset]
-        train = train.subset(pick.sort().values)  # a seeded random subset: every class, not the first folders
-    native = _native_size(train, cfg.skip_bad_images)
-    mean, std = STATS[cfg.dataset]
+    train, val = _seeded_subset(train, cfg.subset, cfg.seed + 1), _seeded_subset(val, cfg.val_max, cfg.seed + 2)
+    mean, std = (like.mean, like.std) if like and len(like.mean) == train.channels else STATS[cfg.dataset]
     if train.channels == 1 and len(mean) == 3:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    found = dict(classes=list(train_all.classes), in_chans=train.channels, img_size=cfg.img_size or native,
-                 mean=list(mean), std=list(std))
+    found = dict(classes=list(train_all.classes), in_chans=train.channels,
+                 img_size=size or _native_size(train, cfg.skip_bad_images), mean=list(mean), std=list(std))
     return train, val, found
+
+
+def _seeded_subset(data: ImageData, n: int, seed: int) -> ImageData:
+    """A seeded random n of the images (every class, not the first folders); all when n is 0."""
+    if not n or n >= len(data):
+        return data
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    return data.subset(pick.sort().values)
+
+
+def resolve_val_split(cfg: TrainConfig) -> TrainConfig:
+    """val_split unset: an image folder's own val/ or test/ split when it has one, else 5,000 images
+    carved from the training split."""
+    if cfg.val_split is not None:
+        return cfg
+    own = cfg.dataset == "imagefolder" and any((Path(cfg.data_dir) / s).is_dir() for s in ("val", "test"))
+    return dataclasses.replace(cfg, val_split=0 if own else 5000)
+
+
+def _pretrained(cfg: TrainConfig) -> tuple[Path, RunInfo | None, dict]:
+    """The weights to fine-tune from, their RunInfo when they carry one, and their architecture."""
+    from .run import resolve_weights
+    from .weights import architecture_of
+    path = resolve_weights(cfg.pretrained)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return path, None, {}
+    meta = read_metadata(path)
+    info = RunInfo.from_metadata(meta, path) if "classes" in meta and "model_args" in meta else None
+    arch = {k: v for k, v in architecture_of(path).items() if k not in ("num_classes", "in_chans", "drop_rate")}
+    return path, info, arch
 
 
 def _native_size(data: ImageData, skip_bad: bool) -> int:
@@ -259,25 +291,26 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 downloads, unpacks and caches first; the others then read its cache
-    train_data, val_data, found = prepare_data(cfg)
+    source, like, arch = _pretrained(cfg) if cfg.pretrained and ckpt is None else (None, None, {})
+    train_data, val_data, found = prepare_data(cfg, like)
     if world > 1 and rank == 0:
         dist.barrier()
     if len(train_data) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images: "
                           f"lower batch_size")
-    margs = dict(model_kwargs(cfg.model), num_classes=len(found["classes"]), in_chans=found["in_chans"],
-                 **cfg.model_overrides())
+    # the architecture: the variant's, then the pretrained weights', then what the config changes
+    margs = {**model_kwargs(cfg.model), **arch, "num_classes": len(found["classes"]), "in_chans": found["in_chans"],
+             **cfg.model_overrides()}
     if margs["patch_size"] > found["img_size"]:
         raise ConfigError(f"patch_size {margs['patch_size']} is larger than the {found['img_size']} px images")
     info = RunInfo(model_args=margs, classes=found["classes"], mean=found["mean"], std=found["std"],
                    img_size=found["img_size"], crop_pct=cfg.crop_pct, model_name=cfg.model, dataset=cfg.dataset,
                    config=dataclasses.asdict(cfg))
     model = ConvMixer(**margs)
-    if cfg.pretrained and ckpt is None:
-        from .weights import load_into, read_state_dict
-        skipped = load_into(model, read_state_dict(cfg.pretrained), strict=False, source=cfg.pretrained)
+    if source is not None:
+        skipped = load_into(model, read_state_dict(source), strict=False, source=str(source))
         if rank == 0:
-            print(f"loaded {cfg.pretrained}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))
+            print(f"fine-tuning from {source}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))
     if world > 1:  # distinct augmentation draws per process (the weights are broadcast by DDP anyway)
         torch.manual_seed(cfg.seed + 1000 * rank)
         random.seed(cfg.seed + 1000 * rank)
@@ -512,6 +545,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
     settings; ``cfg`` may then be None, or differ from the run's only in config.RESUME_MUTABLE.
     ``overwrite``: replace a finished or abandoned run in ``cfg.out`` instead of refusing."""
     ckpt = load_checkpoint(resume, for_resume=True) if resume else None
+    cfg = resolve_val_split(cfg) if cfg is not None else None
     if ckpt is not None:
         cfg = _resumed_config(cfg, ckpt, Path(resume))
     elif cfg is None:
@@ -524,6 +558,14 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
             f"{n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(run.train_data)} train / {len(run.val_data)} val "
             f"images at {run.info.img_size}px, {run.world} process(es) on {run.device}, amp={run.dtype}, "
             f"{cfg.epochs} epochs x {run.steps_per_epoch} steps")
+    total = cfg.epochs * run.steps_per_epoch
+    if total < 50 and not cfg.time_limit:
+        run.log(f"warning: only {total} optimizer steps in all: the schedule rises to lr {cfg.lr:g} and falls back "
+                f"to {cfg.final_lr * cfg.lr:g} within them, too few to learn much; use more epochs, a smaller "
+                f"batch_size or a constant schedule")
+    if cfg.subset and len(run.val_data) > 4 * len(run.train_data):
+        run.log(f"note: each evaluation reads {len(run.val_data)} validation images for {len(run.train_data)} "
+                f"training images; --val-max N evaluates on a seeded N of them")
     try:
         with SignalFlag() as stop:
             while run.epoch < cfg.epochs and not time_up:

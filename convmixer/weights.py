@@ -10,6 +10,24 @@ from pathlib import Path
 import torch
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
+# the project's own weights, shipped in the package (model cards: pretrained/README.md)
+SHIPPED = {name: Path(__file__).resolve().parent / "pretrained" / f"{name}.safetensors"
+           for name in ("cifar10", "fashion_mnist")}
+
+
+def shipped_weights(name) -> Path | None:
+    """The path of shipped weights called ``name`` (``cifar10``, ``fashion_mnist``), else None."""
+    return SHIPPED.get(name) if isinstance(name, str) else None
+
+
+def architecture_of(path: str | os.PathLike) -> dict:
+    """The ConvMixer arguments recorded in a weights file's metadata ({} when there are none)."""
+    import json
+    try:
+        args = json.loads(read_metadata(path).get("model_args", "{}"))
+    except ValueError:
+        return {}
+    return {k: v for k, v in args.items() if k != "fast"} if isinstance(args, dict) else {}
 
 
 from .errors import WeightsError
@@ -200,8 +218,10 @@ def download(url: str, filename: str | None = None) -> Path:
 
 
 def load_pretrained(model: torch.nn.Module, source, variant=None) -> None:
-    """``source`` is a variant name (download its release file) or a local path."""
-    path = Path(source) if not isinstance(source, str) or os.sep in source or Path(source).suffix else None
+    """``source`` is a variant name (download its release file), a shipped name or a local path."""
+    path = shipped_weights(source)
+    if path is None:
+        path = Path(source) if not isinstance(source, str) or os.sep in source or Path(source).suffix else None
     if path is None:
         if variant is None or variant.url is None:
             raise WeightsError(f"no released weights for {source!r}; pass pretrained='path/to/weights'")
