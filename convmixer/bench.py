@@ -113,6 +113,9 @@ def candidates(model_name: str, device: torch.device, include_timm: bool = True)
         try:
             from timm.models.convmixer import ConvMixer as TimmConvMixer
             out.append(Candidate("timm eager fp32", lambda: TimmConvMixer(**kwargs, act_layer=act)))
+            # the best a timm user would run: the same autocast and memory layout as ours
+            out.append(Candidate(f"timm {'bf16' if fast_dtype == torch.bfloat16 else 'amp-auto'} channels_last",
+                                 lambda: TimmConvMixer(**kwargs, act_layer=act), amp=fast_dtype, channels_last=True))
         except ImportError:
             pass
     out.append(Candidate("plain PyTorch fp32", lambda: reference_convmixer(**kwargs, act=act)))

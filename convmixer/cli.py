@@ -57,12 +57,62 @@ def cmd_summary(args):
 
 
 def _add_config_flags(parser):
+    """A --flag for every config key, with its help text and default; true/false keys are also bare
+    flags (--tta-flip) and --no- flags (--no-tta-flip), and still take a value (--progress false)."""
+    import typing
+
     from .config import TrainConfig
     group = parser.add_argument_group("config keys (each also settable as key=value; see the shipped YAML files)")
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        default = f.default
-        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, metavar=f.name.upper(),
-                           default=argparse.SUPPRESS, help=f"default: {default}")
+        flag, dest = "--" + f.name.replace("_", "-"), "cfg_" + f.name
+        text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
+        if hints[f.name] is bool:  # _bool_flags turns "--flag false" into "--no-flag" before parsing
+            group.add_argument(flag, dest=dest, action="store_const", const="true", default=argparse.SUPPRESS,
+                               help=text + f"; --no-{flag[2:]} or {flag} false turns it off")
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=dest, action="store_const", const="false",
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, dest=dest, metavar=f.name.upper(), default=argparse.SUPPRESS, help=text)
+
+
+def _bool_flags(argv: list[str]) -> list[str]:
+    """``--flag false`` / ``--flag=yes`` for a true/false config key become ``--no-flag`` / ``--flag``,
+    so a bare ``--flag`` never swallows the word after it."""
+    import typing
+
+    from .config import TrainConfig
+    names = {"--" + k.replace("_", "-") for k, t in typing.get_type_hints(TrainConfig).items() if t is bool}
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    out, i = [], 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in names and not value and i + 1 < len(argv) and argv[i + 1].lower() in words:
+            value, i = argv[i + 1], i + 1
+        if flag in names and value:
+            if value.lower() not in words:
+                out.append(argv[i])  # left for the one-line error of the config check
+            else:
+                out.append(flag if words[value.lower()] else "--no-" + flag[2:])
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a did-you-mean for unknown --flags, as unknown key=value words get."""
+
+    def error(self, message):
+        import difflib
+        import re
+        unknown = re.findall(r"(--[\w-]+)", message) if "unrecognized arguments" in message else []
+        known = [s for a in self._actions for s in a.option_strings]
+        for sub in (a for a in self._actions if isinstance(a, argparse._SubParsersAction)):
+            known += [s for p in sub.choices.values() for a in p._actions for s in a.option_strings]
+        hints = [f"{u} (did you mean {close[0]}?)" for u in unknown
+                 if (close := difflib.get_close_matches(u, known, n=1))]
+        super().error(message + ("; " + ", ".join(hints) if hints else ""))
 
 
 def cmd_train(args):
@@ -145,10 +195,53 @@ def _device(name: str | None):
     return device
 
 
+def cmd_embed(args):
+    import json
+
+    from .errors import ConfigError
+    from .evaluate import embed, image_files
+    from .run import load_model
+    from .weights import atomic_write
+    if not args.out.endswith((".safetensors", ".npz")):
+        raise ConfigError(f"--out {args.out}: end it with .safetensors or .npz")
+    model, info = load_model(args.checkpoint)
+    files = image_files(args.images)
+    vectors = embed(model, info, files, args.batch_size)
+    if args.out.endswith(".npz"):
+        import numpy as np
+        atomic_write(args.out, lambda tmp: np.savez(open(tmp, "wb"), embeddings=vectors.numpy(),
+                                                    files=np.array(files)))
+    else:
+        from safetensors.torch import save_file
+        atomic_write(args.out, lambda tmp: save_file({"embeddings": vectors.contiguous()}, tmp,
+                                                     metadata={"files": json.dumps(files)}))
+    print(f"wrote {len(files)} x {vectors.shape[1]} embeddings to {args.out}")
+    return 0
+
+
+def cmd_cache(args):
+    from .data import cache_dir, cache_entries, clear_cache
+    entries = cache_entries()
+    total = sum(size for _, size in entries)
+    if args.clear:
+        print(f"removed {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({total / 2 ** 20:.1f} MiB) from "
+              f"{cache_dir()}")
+        clear_cache()
+        return 0
+    print(f"{cache_dir()} (set CONVMIXER_CACHE to move it): {len(entries)} entries, {total / 2 ** 20:.1f} MiB")
+    for path, size in entries:
+        print(f"  {size / 2 ** 20:9.1f} MiB  {path.name}")
+    return 0
+
+
 def cmd_predict(args):
     from .evaluate import predict
     from .run import load_model
-    model, info = load_model(args.checkpoint)
+    if str(args.checkpoint).endswith(".onnx"):
+        from .export import load_onnx
+        model, info = load_onnx(args.checkpoint)
+    else:
+        model, info = load_model(args.checkpoint)
     results = predict(model, info, args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps(results))
@@ -162,12 +255,12 @@ def cmd_predict(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from .run import CHECKPOINT_HELP
-    parser = argparse.ArgumentParser(prog="convmixer", description="ConvMixer (\"Patches Are All You Need?\"): "
+    parser = _Parser(prog="convmixer", description="ConvMixer (\"Patches Are All You Need?\"): "
                                      "models, training, evaluation and tools.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("models", help="list the named model variants with their parameter counts")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'convmixer_256*'")
@@ -223,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("embed", help="pooled features of image files (or folders) into one .safetensors/.npz file")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="embeddings.safetensors (files in its metadata) or embeddings.npz")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("cache", help="show (or --clear) the cache of decoded images and unpacked archives")
+    p.add_argument("--clear", action="store_true", help="delete everything in it (it is rebuilt when needed)")
+    p.set_defaults(func=cmd_cache)
+
     for name in ("bench", "export", "viz", "ablate"):
         module = _optional_command(name)
         if module is not None:
@@ -263,7 +367,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_bool_flags(argv))
     args.debug = debug
     args.argv_echo = argv[1:]
     if not getattr(args, "func", None):

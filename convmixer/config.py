@@ -59,8 +59,8 @@ class TrainConfig:
     dataset: str = _f("cifar10", "cifar10 | cifar100 | fashion_mnist | mnist | imagefolder")
     data_dir: str = _f("data", "where the data set is (for imagefolder: DIR/train/<class>/*, DIR/val/<class>/*)")
     val_split: float | None = _f(None, "validation images carved from the training split (a count, or a "
-                                       "fraction < 1); 0 = the data set's own val/test split; default: that "
-                                       "split for an imagefolder that has one, else 5000")
+                                       "fraction < 1); 0 = the data set's own val/test split; default: an "
+                                       "imagefolder's val/ or test/ (else 10%), 5000 for the named data sets")
     val_max: int = _f(0, "evaluate on at most N validation images (a seeded subset; quick runs); 0 = all")
     img_size: int | None = _f(None, "training and evaluation image size (default: the images' own, or the "
                                     "pretrained weights')")

@@ -215,11 +215,30 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
 
 
 # --- data sets by name ---------------------------------------------------------------------------
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     path = Path(os.environ.get("CONVMIXER_CACHE", Path.home() / ".cache" / "convmixer"))
     if path.exists() and not path.is_dir():
         raise DataError(f"the cache folder {path} is a file: remove it or set CONVMIXER_CACHE to a folder")
     return path
+
+
+def cache_entries() -> list[tuple[Path, int]]:
+    """What the cache holds (decoded image sets, unpacked archives) and the bytes of each."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    sizes = lambda p: p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return [(p, sizes(p)) for p in sorted(root.iterdir())]
+
+
+def clear_cache() -> int:
+    """Delete everything in the cache folder; returns the bytes freed."""
+    import shutil
+    freed = 0
+    for path, size in cache_entries():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        freed += size
+    return freed
 
 
 def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, progress: bool = True) -> ImageData:
@@ -228,7 +247,7 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     stat = [os.stat(f) for f in data.files]  # regular files only (scan_folder)
     key = hashlib.sha256(repr((data.files, [(s.st_size, s.st_mtime_ns) for s in stat], size,
                                data.channels)).encode()).hexdigest()[:20]
-    cache = _cache_dir() / f"images-{key}.safetensors"
+    cache = cache_dir() / f"images-{key}.safetensors"
     if cache.is_file():
         try:
             t = load_file(str(cache))
@@ -276,7 +295,7 @@ def _extract_tarball(tarball: Path) -> Path:
     with open(tarball, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    target = _cache_dir() / f"{tarball.name.split('.tar')[0]}-{digest.hexdigest()[:16]}"
+    target = cache_dir() / f"{tarball.name.split('.tar')[0]}-{digest.hexdigest()[:16]}"
     if target.is_dir():
         return target
     import shutil
@@ -306,6 +325,7 @@ def _download(name: str, root: Path):
     import torchvision.datasets as tvd
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion_mnist": tvd.FashionMNIST,
            "mnist": tvd.MNIST}[name]
+    made = [p for p in [root, *root.parents] if not p.exists()]  # the folders this download creates
     try:
         root.mkdir(parents=True, exist_ok=True)
         import contextlib
@@ -313,13 +333,25 @@ def _download(name: str, root: Path):
             cls(str(root), train=True, download=True)
             cls(str(root), train=False, download=True)
     except Exception as e:
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # leave no empty ./data behind
+            _remove_if_empty(folder)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name} not found under {root} and the download failed ({reason}); "
                         f"pass --data-dir pointing at a local copy") from None
 
 
+def _remove_if_empty(folder: Path):
+    """Remove a folder tree that holds no files (what a failed download created)."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _cifar10_jpeg_folder(root: Path) -> Path | None:
-    """The JPEG copy of CIFAR-10 (../shared/data): an unpacked folder or its tarball."""
+    """The JPEG copy of CIFAR-10 (../shared/data): an unpacked folder, its tarball, or --data-dir
+    naming the tarball itself."""
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
+        return _extract_tarball(root) / "cifar10-jpg" / "train"
     for candidate in (root / "cifar10-jpg" / "train", root / "train"):
         if candidate.is_dir() and (candidate / "airplane").is_dir():
             return candidate
@@ -354,6 +386,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
     if name.startswith("cifar"):
         hundred = name == "cifar100"
         torchvision_folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+        if root.is_file() and not root.name.endswith((".tar.gz", ".tgz")):
+            raise DataError(f"--data-dir {root} is a file: give the folder that holds the data set (or the "
+                            f"cifar10-jpg-train.tar.gz archive itself)")
         if not torchvision_folder.is_dir() and not hundred:
             jpeg = _cifar10_jpeg_folder(root)
             if jpeg is not None:

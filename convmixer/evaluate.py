@@ -102,6 +102,32 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
     return data, dataset, split
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """The image files named, and those inside the folders named (recursively, sorted)."""
+    from .data import IMAGE_SUFFIXES
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        else:
+            out.append(str(p))
+    if not out:
+        raise DataError(f"no image files in {', '.join(paths)}")
+    return out
+
+
+@torch.no_grad()
+def embed(model: ConvMixer, info: RunInfo, files: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Pooled features (the classifier's input, N x dim) of image files, preprocessed as for evaluation."""
+    transform = info_transform(info)
+    model.eval()
+    out = []
+    for start in range(0, len(files), batch_size):
+        x = torch.stack([transform(decode(f, model.in_chans)) for f in files[start:start + batch_size]])
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def predict(model: ConvMixer, info: RunInfo, files: list[str], top_k: int = 5, device="cpu") -> list[dict]:
     """Top-k classes with probabilities for image files of any size and mode."""

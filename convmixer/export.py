@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 
 
 def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, check: bool = True,
@@ -35,13 +35,21 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
     if fmt != "onnx":
         raise ConfigError(f"unknown export format {fmt!r}: choose onnx, torchscript or safetensors")
     try:
-        import onnx  # noqa: F401
+        import onnx
     except ImportError:
         raise ConfigError("ONNX export needs the onnx package: pip install 'convmixer[export]'") from None
     from .weights import atomic_write
-    atomic_write(out, lambda tmp: torch.onnx.export(
-        model, (x,), tmp, input_names=["images"], output_names=["logits"], opset_version=opset,
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+
+    def write(tmp):
+        torch.onnx.export(model, (x,), tmp, input_names=["images"], output_names=["logits"], opset_version=opset,
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+                          dynamo=False)
+        if metadata:  # classes, mean/std, image size travel with the file (convmixer predict reads them)
+            proto = onnx.load(tmp)
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=str(value))
+            onnx.save(proto, tmp)
+    atomic_write(out, write)
     result = {"path": str(out)}
     if check:
         try:
@@ -52,6 +60,39 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
         got = session.run(None, {"images": x.numpy()})[0]
         result["max_abs_diff"] = float((torch.from_numpy(got) - expected).abs().max())
     return result
+
+
+class OnnxModel:
+    """An exported ``.onnx`` file run by onnxruntime, with the little of a module's interface that
+    ``evaluate.predict`` uses (``convmixer predict --checkpoint model.onnx``)."""
+
+    def __init__(self, path):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("running an .onnx file needs onnxruntime: pip install 'convmixer[export]'") from None
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise WeightsError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:200]})") from e
+        self.in_chans = self.session.get_inputs()[0].shape[1]
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": x.float().numpy()})[0])
+
+
+def load_onnx(path):
+    """An exported model and the RunInfo stored in its metadata."""
+    from .run import RunInfo
+    model = OnnxModel(path)
+    meta = dict(model.session.get_modelmeta().custom_metadata_map)
+    return model, RunInfo.from_metadata(meta, path)
 
 
 def cmd_export(args):

@@ -63,7 +63,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Depthwise convolution, stride 1, padding "same" (odd kernels), with a faster backward on CPU.
     Falls back to F.conv2d for even kernels and for CUDA, where cuDNN's backward is already good."""
-    if weight.shape[-1] % 2 == 0 or x.device.type != "cpu" or torch.jit.is_scripting():
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or weight.shape[-1] % 2 == 0 or x.device.type != "cpu":
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))

@@ -113,6 +113,9 @@ class ConvMixer(nn.Module):
         ])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        # timm's description of the feature maps forward_intermediates returns: the stem, then each layer
+        self.feature_info = FeatureInfo([dict(num_chs=dim, reduction=patch_size, module="stem")] + [
+            dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)])
 
     # --- the timm-style interface -------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True):
@@ -137,6 +140,8 @@ class ConvMixer(nn.Module):
         self.head = nn.Linear(self.dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor):
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # export: shapes are symbolic
+            return
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ModelError(f"expected a batch of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
@@ -148,18 +153,34 @@ class ConvMixer(nn.Module):
             return _checkpointed(block, x)
         return block(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Features and the per-layer feature maps: index 0 is the patch embedding, index i the
-        output of ConvMixer layer i (1..depth). ``indices=None`` keeps all of them."""
+    def forward_intermediates(self, x: torch.Tensor, indices=None, intermediates_only: bool = False,
+                              stop_early: bool = False):
+        """Features and the per-layer feature maps, as timm's: index 0 is the patch embedding, index i the
+        output of ConvMixer layer i (1..depth); ``indices`` is None (all), an int n (the last n) or a
+        list (negative counts from the end). Returns (final features, maps), or the maps alone."""
         self._check_input(x)
-        keep = set(range(self.depth + 1)) if indices is None else set(indices)
+        keep = self._feature_indices(indices)
+        last = max(keep) if (stop_early or intermediates_only) and keep else self.depth
         x = self.stem(x)
         maps = [x] if 0 in keep else []
-        for i, block in enumerate(self.blocks, start=1):
+        for i, block in enumerate(self.blocks[:last], start=1):
             x = self._run_block(block, x)
             if i in keep:
                 maps.append(x)
-        return x, maps
+        return maps if intermediates_only else (x, maps)
+
+    def _feature_indices(self, indices) -> list[int]:
+        n = self.depth + 1
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ModelError(f"indices={indices}: ask for the last 1..{n} feature maps")
+            return list(range(n - indices, n))
+        out = sorted({i + n if i < 0 else i for i in indices})
+        if any(not 0 <= i < n for i in out):
+            raise ModelError(f"feature indices {list(indices)} outside 0..{n - 1} (or -{n}..-1)")
+        return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -175,6 +196,34 @@ class ConvMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class FeatureInfo(list):
+    """timm-style feature information: one {num_chs, reduction, module} per feature map."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+
+class ConvMixerFeatures(nn.Module):
+    """``create_model(name, features_only=True, out_indices=...)``: the feature maps as a list (timm's
+    FeatureListNet, mmpretrain's out_indices); ``feature_info`` describes them."""
+
+    def __init__(self, model: ConvMixer, out_indices=None):
+        super().__init__()
+        model.reset_classifier(0)
+        self.model = model
+        self.out_indices = model._feature_indices(out_indices)
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
 
 
 def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +297,10 @@ VARIANTS: dict[str, Variant] = {
 
 
 def list_models(pattern: str = "*") -> list[str]:
+    """Variant names matching a shell pattern; a pattern without wildcards matches substrings (``ks9``)."""
     import fnmatch
+    if not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
     return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
 
 
@@ -264,13 +316,15 @@ def model_kwargs(name: str) -> dict:
                 act_layer=v.act_layer, num_classes=v.num_classes)
 
 
-def create_model(name: str, pretrained=False, **overrides) -> ConvMixer:
+def create_model(name: str, pretrained=False, features_only: bool = False, out_indices=None,
+                 **overrides) -> ConvMixer:
     """Build a named variant. ``pretrained=True`` loads the official release weights (downloaded
     once into the torch hub cache; for ``convmixer_256_8`` the shipped CIFAR-10 weights),
     ``pretrained="cifar10" | "fashion_mnist"`` the project's shipped weights (their architecture:
     patch size, input channels), ``pretrained="file.pth|.pth.tar|.safetensors"`` a local file.
     Any constructor argument can be overridden (``num_classes=10``, ``in_chans=1``, ...); with
-    pretrained weights a different ``num_classes`` gets a fresh classifier."""
+    pretrained weights a different ``num_classes`` gets a fresh classifier. ``features_only=True``
+    returns a ConvMixerFeatures whose forward gives the ``out_indices`` feature maps (default: all)."""
     from .weights import architecture_of, load_pretrained, shipped_weights
     variant = VARIANTS.get(name)
     if pretrained is True and variant is not None and variant.url is None and variant.shipped:
@@ -284,7 +338,7 @@ def create_model(name: str, pretrained=False, **overrides) -> ConvMixer:
     model.model_name = name
     if pretrained:
         load_pretrained(model, name if pretrained is True else pretrained, variant=variant)
-    return model
+    return ConvMixerFeatures(model, out_indices) if features_only else model
 
 
 def pretrained_cfg(name: str, model: "ConvMixer") -> dict:

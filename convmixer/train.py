@@ -237,12 +237,14 @@ def _seeded_subset(data: ImageData, n: int, seed: int) -> ImageData:
 
 
 def resolve_val_split(cfg: TrainConfig) -> TrainConfig:
-    """val_split unset: an image folder's own val/ or test/ split when it has one, else 5,000 images
-    carved from the training split."""
+    """val_split unset: an image folder's own val/ or test/ split when it has one, else a seeded 10% of
+    its training images; 5,000 images carved from the training split of the named data sets."""
     if cfg.val_split is not None:
         return cfg
-    own = cfg.dataset == "imagefolder" and any((Path(cfg.data_dir) / s).is_dir() for s in ("val", "test"))
-    return dataclasses.replace(cfg, val_split=0 if own else 5000)
+    if cfg.dataset != "imagefolder":
+        return dataclasses.replace(cfg, val_split=5000)
+    own = any((Path(cfg.data_dir) / s).is_dir() for s in ("val", "test"))
+    return dataclasses.replace(cfg, val_split=0 if own else 0.1)
 
 
 def _pretrained(cfg: TrainConfig) -> tuple[Path, RunInfo | None, dict]:

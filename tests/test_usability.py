@@ -1,0 +1,202 @@
+"""How users arrive: fine-tuning on their own folder, weights by name, help that explains, and the
+timm interface (features, intermediates, pretrained_cfg), embeddings and ONNX with metadata."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import convmixer
+from convmixer.cli import main
+
+
+def _my_images(root, classes=("cat", "dog", "ship"), n_train=12, n_val=4, sizes=((40, 30), (64, 64), (32, 48))):
+    """A user's folder: train/ and val/, photos of varied sizes, JPEG and PNG."""
+    g = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = sizes[i % len(sizes)]
+                a = g.integers(0, 60, (h, w, 3), dtype=np.uint8)
+                a[:, :, ci] += 150  # each class has its own dominant colour
+                Image.fromarray(a).save(root / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_the_documented_fine_tuning_command(tmp_path, capsys):
+    """README "Train on your own images": one command, no flags about splits or sizes."""
+    data = _my_images(tmp_path / "mydata")
+    out = tmp_path / "runs" / "mine"
+    assert main(["train", "--config", "finetune", "--data-dir", str(data), "--out", str(out), "--epochs", "2",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "fine-tuning from" in text and "new (not loaded): head.weight, head.bias" in text
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
+    assert cfg["val_split"] == 0  # mydata/val was used as it is
+    model, info = convmixer.load_model(out)  # a run folder is a checkpoint
+    shipped, shipped_info = convmixer.load_model("cifar10")
+    assert info.classes == ["cat", "dog", "ship"] and info.img_size == 32 and info.mean == shipped_info.mean
+    assert torch.equal(model.blocks[0][1].weight, model.blocks[0][1].weight)  # loads
+    assert main(["eval", "--checkpoint", str(out), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+    assert main(["eval", "--checkpoint", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("imagefolder val:")
+
+
+def test_shipped_weights_by_name(tmp_path, capsys):
+    model = convmixer.create_model("convmixer_256_8", pretrained="cifar10")
+    same = convmixer.create_model("convmixer_256_8", pretrained=True)  # this variant's weights are shipped
+    assert torch.equal(model.head.weight, same.head.weight)
+    fm = convmixer.create_model("convmixer_256_8", pretrained="fashion_mnist")  # brings its own architecture
+    assert (fm.patch_size, fm.in_chans) == (4, 1)
+    new_head = convmixer.create_model("convmixer_256_8", pretrained="cifar10", num_classes=3)
+    assert new_head.head.weight.shape == (3, 256) and torch.equal(new_head.stem[0].weight, model.stem[0].weight)
+    Image.new("RGB", (32, 32), (250, 250, 250)).save(tmp_path / "x.png")
+    assert main(["predict", "--checkpoint", "cifar10", "--json", "--top-k", "3", str(tmp_path / "x.png")]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert {t["class"] for t in top} <= set(convmixer.load_model("cifar10")[1].classes) and len(top) == 3
+
+
+def test_help_explains_every_option(capsys):
+    from convmixer.config import CONFIG_DIR, TrainConfig
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in TrainConfig.__dataclass_fields__.values():
+        assert f.metadata.get("help"), f.name
+        assert "--" + f.name.replace("_", "-") in text
+    for path in CONFIG_DIR.glob("*.yaml"):
+        assert path.stem in text
+    for choices in ("auto | bf16 | fp16 | off", "onecycle (piecewise linear) | cosine | constant", "gelu | relu | silu",
+                    "cifar10 | cifar100 | fashion_mnist | mnist | imagefolder", "batchnorm | layernorm"):
+        assert choices in text
+
+
+def test_true_false_options_and_unknown_flags(capsys):
+    assert main(["train", "--tta-flip", "epochs=3", "--no-cache", "--progress", "false", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "tta_flip: true" in out and "cache: false" in out and "progress: false" in out and "epochs: 3" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--epochz", "3"])
+    assert "did you mean --epochs" in capsys.readouterr().err
+
+
+def test_quick_runs_cap_evaluation_and_warn(tmp_path, fashion_dir, capsys):
+    code = main(["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0",
+                 "--subset", "64", "--val-max", "50", "--epochs", "1", "--batch-size", "32", "--dim", "8", "--depth",
+                 "1", "--no-progress", "--out", str(tmp_path / "q")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "64 train / 50 val images" in captured.out and "warning: only 2 optimizer steps" in captured.out
+    assert "decoding images" not in captured.err
+
+
+def test_small_conveniences(tmp_path, monkeypatch, capsys):
+    assert main(["models", "ks9"]) == 0
+    listed = capsys.readouterr().out
+    assert "convmixer_256_8_ks9_p1" in listed and "convmixer_768_32" not in listed
+    monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "images-abc.safetensors").write_bytes(b"x" * 2048)
+    assert main(["cache"]) == 0 and "images-abc.safetensors" in capsys.readouterr().out
+    assert main(["cache", "--clear"]) == 0 and not list((tmp_path / "cache").iterdir())
+    # a failed download leaves no empty folder behind
+    import torchvision.datasets as tvd
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(tvd.MNIST, "download", offline)
+    from convmixer.data import DataError, load_dataset
+    with pytest.raises(DataError, match="download failed"):
+        load_dataset("mnist", tmp_path / "data" / "mnist")
+    assert not (tmp_path / "data").exists()
+
+
+def test_data_dir_may_name_the_archive(tmp_path):
+    import tarfile
+    src = tmp_path / "src" / "cifar10-jpg" / "train"
+    for c in ("airplane", "bird"):
+        (src / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i, 2, 3)).save(src / c / f"{i}.jpg")
+    archive = tmp_path / "cifar10-jpg-train.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar10-jpg", arcname="cifar10-jpg")
+    from convmixer.data import load_dataset
+    assert len(load_dataset("cifar10", archive)) == 4
+
+
+def test_package_attributes_after_a_bare_import():
+    import subprocess
+    import sys
+    code = ("import convmixer; c = convmixer.config.make_config('fashion_mnist', {'epochs': 1}); "
+            "print(c.epochs, callable(convmixer.train.train), callable(convmixer.load_model))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "True", "True"], out.stderr
+
+
+def test_tensorboard_logs(tmp_path, fashion_dir):
+    pytest.importorskip("tensorboard")
+    from convmixer.config import make_config
+    from convmixer.train import train
+    train(make_config(None, dict(dataset="fashion_mnist", data_dir=str(fashion_dir), val_split=0, epochs=1,
+                                 batch_size=64, dim=8, depth=1, progress=False, download=False, tensorboard=True,
+                                 out=str(tmp_path / "tb"))))
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_timm_interface():
+    timm_data = pytest.importorskip("timm.data")
+    model = convmixer.create_model("convmixer_256_8", dim=16, depth=4)
+    assert timm_data.resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    maps = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    final, last = model.forward_intermediates(x, indices=[-1])
+    assert len(maps) == 2 and len(last) == 1 and torch.equal(last[0], final)
+    assert torch.equal(maps[-1], final)
+    features = convmixer.create_model("convmixer_256_8", dim=16, depth=4, features_only=True, out_indices=(0, 2, -1))
+    out = features(x)
+    assert [t.shape for t in out] == [(2, 16, 16, 16)] * 3
+    assert features.feature_info.channels() == [16] * 3 and features.feature_info.reduction() == [2] * 3
+    assert features.feature_info.module_name() == ["stem", "blocks.1", "blocks.3"]
+    with pytest.raises(convmixer.ConvMixerError, match="outside"):
+        model.forward_intermediates(x, indices=[7])
+
+
+def test_embed_command(tmp_path, capsys):
+    data = _my_images(tmp_path / "imgs", n_train=2, n_val=1)
+    assert main(["embed", "--checkpoint", "cifar10", str(data / "train"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "e.safetensors"), "pt") as f:
+        vectors, files = f.get_tensor("embeddings"), json.loads(f.metadata()["files"])
+    assert vectors.shape == (6, 256) and len(files) == 6 and torch.isfinite(vectors).all()
+    assert main(["embed", "--checkpoint", "cifar10", str(data / "val" / "cat" / "0.jpg"), "--out",
+                 str(tmp_path / "e.npz")]) == 0
+    assert np.load(tmp_path / "e.npz")["embeddings"].shape == (1, 256)
+
+
+def test_onnx_carries_metadata_takes_any_size_and_predicts(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", "--checkpoint", "cifar10", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert not [w for w in caught if "TracerWarning" in type(w.message).__name__]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"])[0] == "airplane" and meta["img_size"] == "32"
+    model, _ = convmixer.load_model("cifar10")
+    x = torch.randn(2, 3, 64, 48)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x),
+                               rtol=1e-3, atol=1e-4)
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "x.png")]) == 0
+    onnx_top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert main(["predict", "--checkpoint", "cifar10", "--json", str(tmp_path / "x.png")]) == 0
+    torch_top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert [t["class"] for t in onnx_top] == [t["class"] for t in torch_top]
