@@ -257,8 +257,9 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     from tqdm import tqdm
     images, labels, bad = [], [], []
     first_shape = None
+    import sys
     for path, label in tqdm(list(zip(data.files, data.labels.tolist())), desc="decoding images", unit="img",
-                            disable=not progress, leave=False):
+                            disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 60.0):
         try:
             img = decode(path, data.channels)
         except DataError:

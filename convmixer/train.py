@@ -31,6 +31,7 @@ from .config import TrainConfig, check_resume
 from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image, load_dataset, split_train_val,
                    train_transform, worker_errors_in_one_line)
 from .errors import ConfigError, TrainingError
+from .augment import BatchAugment
 from .evaluate import evaluate
 from .model import ConvMixer, model_kwargs
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
@@ -138,7 +139,7 @@ class Run:
     scaler: torch.amp.GradScaler
     train_data: ImageData
     val_data: ImageData
-    train_set: TransformedImages
+    train_set: TransformedImages | BatchAugment  # per image (streamed files) or per batch (decoded images)
     mixer: object
     out: Path
     folder: RunFolder | None = None
@@ -342,8 +343,7 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
               step_model=step_model, ema=ema, optimizer=optimizer,
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               train_data=train_data, val_data=val_data,
-              train_set=TransformedImages(train_data, train_transform(cfg, info.img_size, info.mean, info.std),
-                                          cfg.skip_bad_images),
+              train_set=_augmentation(cfg, train_data, info, device),
               mixer=batch_mixer(cfg, len(info.classes)), out=out, folder=folder, started=time.time())
     if ckpt is not None:
         if list(ckpt["classes"]) != info.classes or ckpt["model_args"].get("in_chans") != margs["in_chans"]:
@@ -413,13 +413,32 @@ def train_step(run: Run, micro_batches, stop: SignalFlag) -> tuple[float, float,
     return loss_sum, correct, seen * run.world, signalled > 0, spent / run.world
 
 
+def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torch.device):
+    """Decoded images are augmented a whole batch at a time, on the training device, where they are moved
+    once; files are decoded and augmented image by image in DataLoader workers."""
+    if data.images is not None:
+        if device.type == "cuda":
+            data.images = data.images.to(device)
+        return BatchAugment(cfg, info.img_size, info.mean, info.std)
+    return TransformedImages(data, train_transform(cfg, info.img_size, info.mean, info.std), cfg.skip_bad_images)
+
+
 def _loader(run: Run):
     """This epoch's remaining micro-batches. The loader has its own generator: making the iterator
     must not draw from the global RNG, or a resumed epoch would shift it."""
     batches = epoch_batches(len(run.train_data), run.cfg, run.epoch, run.world, run.rank)
+    if isinstance(run.train_set, BatchAugment):
+        return _augmented_batches(run, batches[run.batch * run.cfg.accum_steps:])
     return worker_errors_in_one_line(torch.utils.data.DataLoader(
         run.train_set, batch_sampler=batches[run.batch * run.cfg.accum_steps:], num_workers=run.cfg.workers,
         pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed + run.epoch)))
+
+
+def _augmented_batches(run: Run, batches: list[list[int]]):
+    images, labels = run.train_data.images, run.train_data.labels
+    for index in batches:
+        pick = torch.tensor(index)
+        yield run.train_set(images[pick.to(images.device)]), labels[pick]
 
 
 def _progress_bar(run: Run):

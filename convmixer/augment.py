@@ -1,0 +1,73 @@
+"""Training augmentation of whole batches of uint8 images, on whatever device the batch is on.
+
+The decoded data sets (CIFAR, (Fashion-)MNIST, small image folders) are one uint8 tensor; this applies
+the recipe's augmentation to a micro-batch at a time instead of image by image in a DataLoader:
+
+- RandAugment draws, for every image and round, one of torchvision's 14 operations and a sign, exactly
+  as ``v2.RandAugment`` does per image; the images that drew the same (operation, sign) go through
+  torchvision's own implementation of it as one sub-batch. Every operation works per image on a batch
+  (AutoContrast, Equalize and Contrast use each image's own statistics), so each image gets what the
+  per-image transform would give it for the same draw (tests/test_augment.py).
+- horizontal flips are one masked flip; random-resized crops, colour jitter and random erasing, off in
+  most recipes, run torchvision's per-image transforms on the images that need them.
+
+Streamed folders keep the per-image pipeline (data.train_transform) in DataLoader workers.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+
+class BatchAugment:
+    """``cfg``'s augmentation (a TrainConfig) for uint8 batches N x C x H x W, returning normalised
+    float batches of ``img_size``."""
+
+    def __init__(self, cfg, img_size: int, mean, std):
+        self.cfg, self.img_size = cfg, img_size
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.randaugment = v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m)
+        self.ops = list(self.randaugment._AUGMENTATION_SPACE.items())
+        self.crop = v2.RandomResizedCrop(img_size, scale=(cfg.scale_min, 1.0), antialias=True)
+        self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
+        self.erasing = v2.RandomErasing(1.0, value="random") if cfg.random_erasing else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.scale_min < 1 or images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
+            images = torch.stack([self.crop(img) for img in images])
+        if cfg.hflip > 0:
+            flip = (torch.rand(len(images)) < cfg.hflip).to(images.device)
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        for _ in range(cfg.randaugment_n):
+            images = self.randaugment_round(images)
+        if self.jitter is not None:
+            images = torch.stack([self.jitter(img) for img in images])
+        x = (images.float().div_(255) - self.mean.to(images.device)) / self.std.to(images.device)
+        if self.erasing is not None:
+            chosen = (torch.rand(len(x)) < cfg.random_erasing).nonzero().flatten().tolist()
+            for i in chosen:
+                x[i] = self.erasing(x[i])
+        return x
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One RandAugment round's draws for n images: an operation index and a sign per image."""
+        return torch.randint(len(self.ops), (n,)), torch.rand(n) <= 0.5
+
+    def randaugment_round(self, images: torch.Tensor, draws=None) -> torch.Tensor:
+        op_index, negative = draws if draws is not None else self.draw(len(images))
+        height, width = images.shape[-2:]
+        out = images.clone()
+        for k in op_index.unique().tolist():
+            name, (magnitudes_fn, signed) = self.ops[k]
+            magnitudes = magnitudes_fn(self.randaugment.num_magnitude_bins, height, width)
+            magnitude = 0.0 if magnitudes is None else float(magnitudes[self.randaugment.magnitude])
+            for sign in ((True, False) if signed and magnitude else (None,)):
+                pick = op_index == k if sign is None else (op_index == k) & (negative == sign)
+                if not pick.any():
+                    continue
+                pick = pick.to(images.device)
+                out[pick] = self.randaugment._apply_image_or_video_transform(
+                    images[pick], name, -magnitude if sign else magnitude,
+                    interpolation=self.randaugment.interpolation, fill=self.randaugment._fill)
+        return out

@@ -1,0 +1,84 @@
+"""The batched augmentation gives each image what torchvision's per-image transforms give it for the
+same draw, and draws with the same distribution."""
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from convmixer.augment import BatchAugment
+from convmixer.config import TrainConfig
+
+
+def _images(n=64, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("magnitude", [0, 9, 12, 30])
+def test_each_operation_on_a_batch_equals_it_per_image(magnitude):
+    aug = BatchAugment(TrainConfig(randaugment_n=1, randaugment_m=magnitude), 16, [0.5] * 3, [0.5] * 3)
+    images = _images()
+    per_image = v2.RandAugment(num_ops=1, magnitude=magnitude)
+    for k, (name, (magnitudes_fn, signed)) in enumerate(aug.ops):
+        for negative in (False, True):
+            draws = torch.full((len(images),), k), torch.full((len(images),), negative)
+            batched = aug.randaugment_round(images, draws)
+            values = magnitudes_fn(31, 16, 16)
+            m = 0.0 if values is None else float(values[magnitude])
+            m = -m if (signed and negative and m) else m
+            for i in range(0, len(images), 7):
+                one = per_image._apply_image_or_video_transform(images[i], name, m, interpolation=per_image.interpolation,
+                                                                fill=per_image._fill)
+                assert torch.equal(batched[i], one), (name, negative, i)
+
+
+def test_a_mixed_batch_gives_each_image_its_own_draw():
+    aug = BatchAugment(TrainConfig(randaugment_n=1, randaugment_m=12), 16, [0.5] * 3, [0.5] * 3)
+    images = _images(128)
+    torch.manual_seed(3)
+    op_index, negative = aug.draw(len(images))
+    batched = aug.randaugment_round(images, (op_index, negative))
+    per_image = v2.RandAugment(num_ops=1, magnitude=12)
+    for i in range(len(images)):
+        name, (magnitudes_fn, signed) = aug.ops[int(op_index[i])]
+        values = magnitudes_fn(31, 16, 16)
+        m = 0.0 if values is None else float(values[12])
+        m = -m if (signed and bool(negative[i])) else m
+        one = per_image._apply_image_or_video_transform(images[i], name, m, interpolation=per_image.interpolation,
+                                                        fill=per_image._fill)
+        assert torch.equal(batched[i], one), (i, name)
+
+
+def test_draws_have_torchvisions_distribution():
+    aug = BatchAugment(TrainConfig(randaugment_n=2, randaugment_m=12), 16, [0.5] * 3, [0.5] * 3)
+    torch.manual_seed(0)
+    op_index, negative = aug.draw(140_000)
+    freq = torch.bincount(op_index, minlength=14).float() / len(op_index)
+    assert len(aug.ops) == 14 and (freq - 1 / 14).abs().max() < 0.005  # uniform over the 14 operations
+    assert abs(negative.float().mean().item() - 0.5) < 0.005          # each sign half the time
+    # torchvision's own per-image choice, for comparison: also uniform
+    per_image = v2.RandAugment(num_ops=1, magnitude=12)
+    counts = {}
+    for _ in range(14_000):
+        key, _ = per_image._get_random_item(per_image._AUGMENTATION_SPACE)
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) == {name for name, _ in aug.ops} and max(abs(c / 14_000 - 1 / 14) for c in counts.values()) < 0.015
+
+
+def test_flip_rate_normalisation_and_output():
+    cfg = TrainConfig(randaugment_n=0, hflip=0.5)
+    aug = BatchAugment(cfg, 16, [0.25] * 3, [0.5] * 3)
+    images = _images(4000)
+    torch.manual_seed(1)
+    out = aug(images)
+    unflipped = ((images.float() / 255 - 0.25) / 0.5)
+    same = (out - unflipped).abs().flatten(1).max(1).values < 1e-6
+    mirrored = (out - unflipped.flip(-1)).abs().flatten(1).max(1).values < 1e-6
+    assert out.dtype == torch.float32 and bool((same | mirrored).all())
+    assert abs(mirrored.float().mean().item() - 0.5) < 0.03
+
+
+def test_crops_jitter_and_erasing_keep_shape_and_range():
+    cfg = TrainConfig(randaugment_n=2, randaugment_m=9, scale_min=0.5, color_jitter=0.4, random_erasing=0.5)
+    aug = BatchAugment(cfg, 12, [0.5] * 3, [0.5] * 3)
+    out = aug(_images(32, size=16))
+    assert out.shape == (32, 3, 12, 12) and torch.isfinite(out).all()
