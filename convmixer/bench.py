@@ -60,9 +60,7 @@ class Candidate:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=True)
-        self.eval_model = self.model
-        if self.compile:
-            self.eval_model = torch.compile(self.model)
+        self.eval_model = self.train_model = torch.compile(self.model) if self.compile else self.model
 
     def _input(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
@@ -76,7 +74,7 @@ class Candidate:
         x = self._input(x)
         t = time.perf_counter()
         with self._autocast(device):
-            loss = nn.functional.cross_entropy(self.model(x).float(), y)
+            loss = nn.functional.cross_entropy(self.train_model(x).float(), y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,7 +134,8 @@ def breakdown(model_name: str, device: torch.device) -> list[Candidate]:
 
 
 def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, infer_batch_size=256,
-                  steps=10, warmup=3, device=None, include_timm=True, extra=(), with_breakdown=False) -> dict:
+                  steps=10, warmup=3, device=None, include_timm=True, extra=(), with_breakdown=False,
+                  with_compile=False) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model_name not in VARIANTS:
         from .model import model_kwargs
@@ -153,6 +152,9 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
     cands = candidates(model_name, device, include_timm) + list(extra)
     if with_breakdown:
         cands += breakdown(model_name, device)
+    if with_compile:
+        cands += [Candidate(c.name + " compiled", c.build, amp=c.amp, channels_last=c.channels_last,
+                            allocator=c.allocator, compile=True) for c in list(cands[:3])]
     for c in cands:
         c.prepare(device)
     g = torch.Generator().manual_seed(0)
@@ -247,7 +249,8 @@ def format_table(report: dict) -> str:
 
 def cmd_bench(args):
     report = run_benchmark(args.model, args.img_size, args.batch_size, args.infer_batch_size, args.steps,
-                           args.warmup, args.device, include_timm=not args.no_timm, with_breakdown=args.breakdown)
+                           args.warmup, args.device, include_timm=not args.no_timm, with_breakdown=args.breakdown,
+                           with_compile=args.compile)
     report["command"] = "convmixer bench " + " ".join(args.argv_echo)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -266,6 +269,8 @@ def add_parser(sub):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--no-timm", action="store_true", help="leave timm out (it is a test-only dependency)")
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile'd candidates (ours and timm with our autocast and layout)")
     p.add_argument("--breakdown", action="store_true",
                    help="also the default path with each speed-up taken away in turn")
     p.add_argument("--json", action="store_true")

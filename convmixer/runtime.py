@@ -37,8 +37,10 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this
-    is one process on the GPU if there is one."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    is one process on the GPU if there is one. One process under torchrun skips the process group
+    unless CONVMIXER_DDP=1 (which the GPU check sets to test NCCL with one GPU)."""
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1 and os.environ.get("CONVMIXER_DDP") != "1"
+    if "RANK" not in os.environ or single:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

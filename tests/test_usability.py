@@ -91,7 +91,15 @@ def test_quick_runs_cap_evaluation_and_warn(tmp_path, fashion_dir, capsys):
     assert code == 0
     captured = capsys.readouterr()
     assert "64 train / 50 val images" in captured.out and "warning: only 2 optimizer steps" in captured.out
-    assert "decoding images" not in captured.err
+    assert "(h=8, d=1, k=5, p=2;" in captured.out  # the model actually built, not the variant's name alone
+
+
+@pytest.mark.parametrize("progress", ["--progress", "--no-progress"])
+def test_no_progress_silences_every_bar(tmp_path, folder_dir, capsys, progress):
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(folder_dir), "--epochs", "1", "--batch-size",
+                 "64", "--dim", "8", "--depth", "1", progress, "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert ("decoding images" in err) == (progress == "--progress")  # the first decoding, then the cache
 
 
 def test_small_conveniences(tmp_path, monkeypatch, capsys):
