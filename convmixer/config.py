@@ -28,12 +28,12 @@ RANGES = {
     "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
     "tta_shift": (0, 64, False, False), "seed": (0, 2 ** 32 - 1, False, False),
     "save_every": (0, 100_000, False, False), "eval_every": (1, 100_000, False, False),
-    "time_limit": (0, 10 ** 6, False, False),
+    "time_limit": (0, 10 ** 6, False, False), "sync_every": (0, 100_000, False, False),
 }
 # what --resume may change: how the run is executed and logged, and its length (epochs down to those done,
 # time_limit upwards)
 RESUME_MUTABLE = ("epochs", "time_limit", "workers", "progress", "tensorboard", "save_every", "eval_every",
-                  "data_dir", "download", "cache", "compile", "grad_checkpointing")
+                  "data_dir", "download", "cache", "compile", "grad_checkpointing", "sync_every")
 
 
 def _f(default, help: str):
@@ -104,6 +104,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU DDP)")
     seed: int = _f(0, "random seed (data order, augmentation, initialisation, validation split)")
+    sync_every: int = _f(0, "optimizer steps between host synchronisations (loss, NaN check, signals, time); "
+                            "0 = every step on a CPU, every 20 on a GPU")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable CPU runs)")
     # output
     out: str = _f("runs/default", "the run's folder (refused if it holds another run, unless --overwrite)")

@@ -151,7 +151,9 @@ class Run:
     stats: dict = field(default_factory=dict)   # the current epoch's sums (kept across an interruption)
     started: float = 0.0              # time.time() at which a run that had never stopped would have started
     printed: bool = False             # the epoch table's header is out
-
+    spent: float = 0.0                # the time spent that all processes last agreed on (sets the lr)
+    pending: torch.Tensor | None = None  # loss and accuracy sums on the device since the last agree()
+    pending_seen: int = 0
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_data) // self.cfg.batch_size
@@ -184,6 +186,7 @@ class Run:
         self.epoch, self.batch, self.step, self.best = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"], ckpt["best"]
         self.stats = ckpt.get("partial") or {}
         self.started = time.time() - float(ckpt.get("elapsed", 0.0))
+        self.spent = float(ckpt.get("elapsed", 0.0))
         _set_rng_state(ckpt["rng"])  # rank 0's; the other ranks continue from their own seeds
         if self.rank > 0:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
@@ -366,13 +369,11 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
 
 
 # --- one optimizer step -------------------------------------------------------------------------------
-def train_step(run: Run, micro_batches, stop: SignalFlag) -> tuple[float, float, int, bool, float]:
-    """accum_steps micro-batches, then clip, step. The loss and accuracy sums stay on the device; one
-    reduction per step (all processes at once) brings back the sums, whether any process was
-    signalled, and the agreed time spent, which sets this step's learning rate."""
+def train_step(run: Run, micro_batches):
+    """accum_steps micro-batches, then clip, step. Nothing waits for the device: the loss and accuracy
+    sums stay there until the next ``agree``; the learning rate follows the last agreed time spent."""
     cfg, model = run.cfg, run.step_model
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss x n, correct
-    seen = 0
     for a in range(cfg.accum_steps):
         images, labels = next(micro_batches)
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
@@ -387,19 +388,10 @@ def train_step(run: Run, micro_batches, stop: SignalFlag) -> tuple[float, float,
             run.scaler.scale(loss / cfg.accum_steps).backward()
         hard = targets.argmax(-1) if targets.ndim == 2 else targets
         sums += torch.stack([loss.detach().double() * len(labels), (logits.argmax(-1) == hard).sum().double()])
-        seen += len(labels)
-    agreed = torch.cat([sums, torch.tensor([float(stop.signum is not None), run.elapsed()], dtype=torch.float64,
-                                           device=run.device)])
-    if run.world > 1:
-        dist.all_reduce(agreed)
-    loss_sum, correct, signalled, spent = agreed.tolist()
-    if not math.isfinite(loss_sum):
-        raise TrainingError(f"loss became {loss_sum / seen} at epoch {run.epoch + 1}, step {run.step + 1}: training "
-                            f"diverged with lr={cfg.lr}, weight_decay={cfg.weight_decay}, clip_grad={cfg.clip_grad}, "
-                            f"amp={cfg.amp}; lower lr, keep clip_grad on or set amp=off; the last good checkpoint "
-                            f"{run.out / 'last.pt'} is untouched")
+        run.pending_seen += len(labels) * run.world
+    run.pending = sums if run.pending is None else run.pending + sums
     for group in run.optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_factor(run.progress(spent / run.world), cfg)
+        group["lr"] = cfg.lr * lr_factor(run.progress(run.spent), cfg)
     if cfg.clip_grad > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
@@ -410,7 +402,28 @@ def train_step(run: Run, micro_batches, stop: SignalFlag) -> tuple[float, float,
         run.ema.update_parameters(run.model)
     run.step += 1
     run.batch += 1
-    return loss_sum, correct, seen * run.world, signalled > 0, spent / run.world
+
+
+def agree(run: Run, stop: SignalFlag) -> bool:
+    """The one host synchronisation, every sync_every steps and at the end of an epoch: one reduction
+    (all processes at once) brings back the loss and accuracy sums since the last one, whether any
+    process was signalled, and the time spent (their mean, which all then use). Returns: signalled."""
+    flags = torch.tensor([float(stop.signum is not None), run.elapsed()], dtype=torch.float64, device=run.device)
+    agreed = torch.cat([run.pending, flags]) if run.pending is not None else torch.cat([flags.new_zeros(2), flags])
+    if run.world > 1:
+        dist.all_reduce(agreed)
+    loss_sum, correct, signalled, spent = agreed.tolist()
+    if not math.isfinite(loss_sum):
+        cfg = run.cfg
+        raise TrainingError(f"loss became {loss_sum / max(run.pending_seen, 1)} at epoch {run.epoch + 1}, by step "
+                            f"{run.step}: training diverged with lr={cfg.lr}, weight_decay={cfg.weight_decay}, "
+                            f"clip_grad={cfg.clip_grad}, amp={cfg.amp}; lower lr, keep clip_grad on or set amp=off; "
+                            f"the last good checkpoint {run.out / 'last.pt'} is untouched")
+    stats = run.stats
+    stats["loss"], stats["correct"], stats["seen"] = (stats["loss"] + loss_sum, stats["correct"] + correct,
+                                                      stats["seen"] + run.pending_seen)
+    run.pending, run.pending_seen, run.spent = None, 0, spent / run.world
+    return signalled > 0
 
 
 def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torch.device):
@@ -456,18 +469,21 @@ def train_epoch(run: Run, stop: SignalFlag) -> str | None:
     run.stats = stats
     bar, micro_batches, tick = _progress_bar(run), _loader(run), time.time()
     ended = None
+    every = run.cfg.sync_every or (20 if run.device.type == "cuda" else 1)
     while run.batch < run.steps_per_epoch and ended is None:
-        loss_sum, correct, seen, signalled, spent = train_step(run, micro_batches, stop)
-        stats["loss"], stats["correct"], stats["seen"] = stats["loss"] + loss_sum, stats["correct"] + correct, stats["seen"] + seen
+        train_step(run, micro_batches)
         if bar is not None:
             bar.update(1)
+        if run.step % every and run.batch < run.steps_per_epoch:
+            continue
+        if agree(run, stop):
+            ended = "signal"
+        elif run.cfg.time_limit and run.spent >= run.cfg.time_limit * 60:
+            ended = "time"
+        if bar is not None:
             bar.set_postfix(loss=f"{stats['loss'] / stats['seen']:.3f}", acc=f"{stats['correct'] / stats['seen']:.3f}",
                             img_s=f"{stats['seen'] / max(stats['seconds'] + time.time() - tick, 1e-9):.0f}",
                             lr=f"{run.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
-        if signalled:
-            ended = "signal"
-        elif run.cfg.time_limit and spent >= run.cfg.time_limit * 60:
-            ended = "time"
     stats["seconds"] += time.time() - tick
     if bar is not None:
         bar.close()

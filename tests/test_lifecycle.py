@@ -216,10 +216,10 @@ def test_debug_shows_the_hidden_cause(tmp_path, capsys):
     assert info.value.__context__ is not None and not info.value.__suppress_context__
 
 
-def test_one_host_sync_per_optimizer_step(tmp_path, fashion_dir, monkeypatch):
+def test_host_syncs_only_in_agree(tmp_path, fashion_dir, monkeypatch):
     """Loss and accuracy accumulate on the device; the NaN check, the stop flag and the time spent
-    come back in one transfer per optimizer step, however many micro-batches it has."""
-    from convmixer.train import SignalFlag, build_run, train_step
+    come back in one transfer per agree() (every sync_every steps), however many micro-batches."""
+    from convmixer.train import SignalFlag, agree, build_run, train_step
     config = cfg(tmp_path, fashion_dir, epochs=1, accum_steps=4)
     run = build_run(config, None, tmp_path / "run", overwrite=False)
     batches = iter([(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(8)])
@@ -234,10 +234,25 @@ def test_one_host_sync_per_optimizer_step(tmp_path, fashion_dir, monkeypatch):
             return _real(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, attr, counting)
     try:
-        train_step(run, batches, SignalFlag())
-        train_step(run, batches, SignalFlag())
+        run.stats = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        train_step(run, batches)
+        train_step(run, batches)
+        assert counts == {"item": 0, "tolist": 0, "bool": 0}  # two steps, nothing waited for the device
+        agree(run, SignalFlag())
     finally:
         monkeypatch.undo()
         run.folder.close()
-    assert counts == {"item": 0, "tolist": 2, "bool": 0}
-    assert run.step == 2
+    assert counts == {"item": 0, "tolist": 1, "bool": 0}
+    assert run.step == 2 and run.stats["seen"] == 64 and run.pending is None
+
+
+def test_sync_every_n_steps_trains_the_same(tmp_path, fashion_dir):
+    """Synchronising every 5 steps instead of every step changes no weight and no logged number."""
+    a = train(cfg(tmp_path / "a", fashion_dir, epochs=2, sync_every=1, deterministic=True))
+    b = train(cfg(tmp_path / "b", fashion_dir, epochs=2, sync_every=5, deterministic=True))
+    wa = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["best_val_top1"] == b["best_val_top1"]
+    la = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in la] == pytest.approx([r["train_loss"] for r in lb], rel=1e-12)
