@@ -30,6 +30,8 @@ RANGES = {
     "save_every": (0, 100_000, False, False), "eval_every": (1, 100_000, False, False),
     "time_limit": (0, 10 ** 6, False, False), "sync_every": (0, 100_000, False, False),
 }
+# what a run saved before a key existed did, when that differs from the key's default now
+BEFORE_THE_KEY = {"decay_all": False}
 # what --resume may change: how the run is executed and logged, and its length (epochs down to those done,
 # time_limit upwards)
 RESUME_MUTABLE = ("epochs", "time_limit", "workers", "progress", "tensorboard", "save_every", "eval_every",
@@ -74,7 +76,8 @@ class TrainConfig:
     batch_size: int = _f(512, "global batch per optimizer step (all processes, all accumulation steps)")
     accum_steps: int = _f(1, "gradient accumulation: micro-batch = batch_size / (processes x accum_steps)")
     lr: float = _f(0.05, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.005, "AdamW decoupled weight decay (not on biases and norms)")
+    weight_decay: float = _f(0.005, "AdamW decoupled weight decay (on weights; see decay_all)")
+    decay_all: bool = _f(True, "weight decay on biases and norm parameters too (as the authors' CIFAR-10 script)")
     opt_eps: float = _f(1e-8, "AdamW epsilon")
     schedule: str = _f("onecycle", "onecycle (piecewise linear) | cosine | constant")
     peak_at: float = _f(0.4, "onecycle: fraction of training at which the lr peaks")
@@ -82,7 +85,7 @@ class TrainConfig:
     knee_lr: float = _f(0.05, "onecycle: lr at knee_at as a fraction of lr (the authors' script: 0.05)")
     final_lr: float = _f(0.0, "onecycle / cosine: lr at the end, as a fraction of lr")
     warmup_epochs: float = _f(0.0, "cosine / constant: linear warm-up epochs")
-    clip_grad: float = _f(1.0, "gradient-norm clipping; 0 = off")
+    clip_grad: float = _f(0.0, "gradient-norm clipping; 0 = off (the authors' CIFAR-10 script)")
     label_smoothing: float = _f(0.0, "label smoothing in [0, 1)")
     scale_min: float = _f(1.0, "random-resized-crop scale range (scale_min, 1); 1 = no crop")
     hflip: float = _f(0.5, "probability of a horizontal flip")
@@ -309,7 +312,7 @@ def parse_overrides(items: list[str]) -> dict:
 def resume_config(saved: dict, changes: dict, epochs_done: int = 0) -> TrainConfig:
     """The config of a run being resumed: the checkpoint's own settings, with ``changes`` (the keys the
     user gave explicitly) allowed only where RESUME_MUTABLE says so."""
-    base = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    base = {**BEFORE_THE_KEY, **{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}}
     values = dict(base)
     for key, value in changes.items():
         key = check_key(key)

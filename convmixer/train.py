@@ -336,8 +336,9 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on biases and norms
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # weight decay on weights only, unless decay_all (the authors' CIFAR-10 script decays every parameter)
+    decay = [p for p in model.parameters() if p.ndim > 1 or cfg.decay_all]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not cfg.decay_all]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.opt_eps,
                                   foreach=True)

@@ -256,3 +256,9 @@ def test_sync_every_n_steps_trains_the_same(tmp_path, fashion_dir):
     la = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in la] == pytest.approx([r["train_loss"] for r in lb], rel=1e-12)
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path, fashion_dir):
+    from convmixer.config import resume_config
+    saved = {k: v for k, v in json.loads(json.dumps(cfg(tmp_path, fashion_dir).__dict__)).items() if k != "decay_all"}
+    assert resume_config(saved, {}).decay_all is False  # older runs exempted biases and norms from weight decay

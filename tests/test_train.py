@@ -310,3 +310,22 @@ def test_closed_stdout_is_not_an_error():
     p = subprocess.Popen([sys.executable, "-m", "convmixer", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()
     assert p.wait(timeout=120) == 141 and p.stderr.read() == b""
+
+
+def test_cifar10_script_is_the_authors_readme_command(tmp_path, fashion_dir):
+    """--lr-max=0.05 --ra-n=2 --ra-m=12 --wd=0.005 --scale=1.0 --jitter=0 --reprob=0: AdamW on every
+    parameter, no clipping, the knee at 4/5 to lr/20."""
+    cfg = make_config("cifar10_script", {})
+    assert (cfg.lr, cfg.weight_decay, cfg.decay_all, cfg.clip_grad, cfg.randaugment_n, cfg.randaugment_m) == \
+        (0.05, 0.005, True, 0.0, 2, 12)
+    assert (cfg.scale_min, cfg.color_jitter, cfg.random_erasing, cfg.batch_size, cfg.epochs) == (1.0, 0.0, 0.0, 512, 25)
+    from convmixer.train import build_run
+    for decay_all, expected in ((True, 0), (False, None)):
+        run = build_run(tiny_config(tmp_path / str(decay_all), fashion_dir, decay_all=decay_all), None,
+                        tmp_path / str(decay_all) / "run", overwrite=False)
+        groups = run.optimizer.param_groups
+        n_all = sum(p.numel() for p in run.model.parameters())
+        assert sum(p.numel() for p in groups[0]["params"]) == (n_all if decay_all else
+                                                              sum(p.numel() for p in run.model.parameters() if p.ndim > 1))
+        assert len(groups[1]["params"]) == 0 if decay_all else len(groups[1]["params"]) > 0
+        run.folder.close()
