@@ -566,13 +566,31 @@ def _interrupted(run: Run, stop: SignalFlag) -> dict:
     return {"interrupted": True, "step": run.step, "checkpoint": str(run.out / "last.pt")}
 
 
-def _agree(run: Run, flag: bool) -> bool:
+def _any_process(run: Run, flag: bool) -> bool:
     """True if ``flag`` holds on any process."""
     if run.world == 1:
         return flag
     t = torch.tensor([float(flag)], device=run.device)
     dist.all_reduce(t)
     return t.item() > 0
+
+
+def _announce(run: Run):
+    """The start line: the model actually built, the data, the device; and what makes a run pointless."""
+    cfg, a = run.cfg, run.info.model_args
+    n_params = sum(p.numel() for p in run.model.parameters())
+    run.log(f"{cfg.model} (h={a['dim']}, d={a['depth']}, k={a['kernel_size']}, p={a['patch_size']}; "
+            f"{n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(run.train_data)} train / {len(run.val_data)} val "
+            f"images at {run.info.img_size}px, {run.world} process(es) on {run.device}, amp={run.dtype}, "
+            f"{cfg.epochs} epochs x {run.steps_per_epoch} steps")
+    total = cfg.epochs * run.steps_per_epoch
+    if total < 50 and not cfg.time_limit:
+        run.log(f"warning: only {total} optimizer steps in all: the schedule rises to lr {cfg.lr:g} and falls back "
+                f"to {cfg.final_lr * cfg.lr:g} within them, too few to learn much; use more epochs, a smaller "
+                f"batch_size or a constant schedule")
+    if cfg.subset and len(run.val_data) > 4 * len(run.train_data):
+        run.log(f"note: each evaluation reads {len(run.val_data)} validation images for {len(run.train_data)} "
+                f"training images; --val-max N evaluates on a seeded N of them")
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -590,20 +608,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
         raise ConfigError("train() needs a config, or resume= a checkpoint")
     run = build_run(cfg, ckpt, Path(cfg.out), overwrite)
     time_up = ckpt is not None and bool(cfg.time_limit) and run.elapsed() >= cfg.time_limit * 60  # resumed, spent
-    n_params = sum(p.numel() for p in run.model.parameters())
-    a = run.info.model_args
-    run.log(f"{cfg.model} (h={a['dim']}, d={a['depth']}, k={a['kernel_size']}, p={a['patch_size']}; "
-            f"{n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(run.train_data)} train / {len(run.val_data)} val "
-            f"images at {run.info.img_size}px, {run.world} process(es) on {run.device}, amp={run.dtype}, "
-            f"{cfg.epochs} epochs x {run.steps_per_epoch} steps")
-    total = cfg.epochs * run.steps_per_epoch
-    if total < 50 and not cfg.time_limit:
-        run.log(f"warning: only {total} optimizer steps in all: the schedule rises to lr {cfg.lr:g} and falls back "
-                f"to {cfg.final_lr * cfg.lr:g} within them, too few to learn much; use more epochs, a smaller "
-                f"batch_size or a constant schedule")
-    if cfg.subset and len(run.val_data) > 4 * len(run.train_data):
-        run.log(f"note: each evaluation reads {len(run.val_data)} validation images for {len(run.train_data)} "
-                f"training images; --val-max N evaluates on a seeded N of them")
+    _announce(run)
     try:
         with SignalFlag() as stop:
             while run.epoch < cfg.epochs and not time_up:
@@ -617,7 +622,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                 end_of_epoch(run, last)
                 if time_up:
                     run.log(f"time limit of {cfg.time_limit:g} min reached at epoch {run.epoch}, step {run.step}")
-                elif not last and _agree(run, stop.signum is not None):  # also a signal during evaluation
+                elif not last and _any_process(run, stop.signum is not None):  # also a signal during evaluation
                     return _interrupted(run, stop)
             return finish(run, time_up)
     finally:
