@@ -82,7 +82,9 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
     if not dataset:
         raise ConfigError("this model does not say which data it was trained on: pass --dataset and --data-dir")
     data_dir = data_dir or cfg.get("data_dir", "data")
-    carved = val_split or cfg.get("val_split") or 0  # images the run held out of its training split
+    # the run's held-out split is only meaningful on the run's own data; --val-split N asks for one anyway
+    same_data = dataset == cfg.get("dataset") and Path(data_dir).resolve() == Path(cfg.get("data_dir", "data")).resolve()
+    carved = val_split if val_split is not None else ((cfg.get("val_split") or 0) if same_data else 0)
     folders = [s for s in ("val", "test") if dataset == "imagefolder" and (Path(data_dir) / s).is_dir()]
     split = split or ("val" if carved or folders[:1] == ["val"] else "test")
     kwargs = dict(img_size=info.img_size, download=False, skip_bad_images=skip_bad_images)

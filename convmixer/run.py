@@ -107,6 +107,16 @@ class RunInfo:
             if not isinstance(value, int) or isinstance(value, bool) or not (0 if key == "num_classes" else 1) <= value <= limit:
                 raise WeightsError(f"{source}: {key}={value!r} is outside 1..{limit}: the file is corrupt or not "
                                    f"a convmixer model")
+        from .model import ACTIVATIONS, NORMS
+        kinds = {"act_layer": lambda v: v in ACTIVATIONS, "norm_layer": lambda v: v in NORMS,
+                 "residual": lambda v: isinstance(v, bool), "fast": lambda v: isinstance(v, bool),
+                 "drop_rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1}
+        unknown = sorted(set(args) - set(LIMITS) - set(kinds) - {"img_size"})
+        wrong = [k for k, ok in kinds.items() if k in args and not ok(args[k])]
+        if unknown or wrong:
+            raise WeightsError(f"{source}: model_args has {'unknown keys ' + ', '.join(unknown) if unknown else ''}"
+                               f"{'; ' if unknown and wrong else ''}{'bad values for ' + ', '.join(wrong) if wrong else ''}"
+                               f": the file is corrupt or not a convmixer model")
         if not 0 < self.crop_pct <= 1:
             raise WeightsError(f"{source}: crop_pct={self.crop_pct} is outside (0, 1]")
         if len(self.classes) != args.get("num_classes", len(self.classes)):
@@ -151,9 +161,11 @@ def _check_shapes(args: dict, state: dict, source):
 def resolve_weights(path: str | Path) -> Path:
     """A weights file from what a user may name: a file, a run folder (its final, best or last
     weights), or shipped weights by name."""
-    if shipped_weights(str(path)) is not None and not Path(path).exists():
-        return shipped_weights(str(path))
     path = Path(path)
+    holds_weights = path.is_file() or any((path / n).is_file() for n in ("model.safetensors", "best.safetensors",
+                                                                         "last.pt"))
+    if shipped_weights(str(path)) is not None and not holds_weights:  # e.g. a data folder named cifar10
+        return shipped_weights(str(path))
     if path.is_dir():
         found = next((path / n for n in ("model.safetensors", "best.safetensors", "last.pt") if (path / n).is_file()),
                      None)

@@ -203,8 +203,9 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as both machines have
+        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 # --- building a run -----------------------------------------------------------------------------
@@ -254,14 +255,27 @@ def resolve_val_split(cfg: TrainConfig) -> TrainConfig:
 def _pretrained(cfg: TrainConfig) -> tuple[Path, RunInfo | None, dict]:
     """The weights to fine-tune from, their RunInfo when they carry one, and their architecture."""
     from .run import resolve_weights
-    from .weights import architecture_of
+    from .weights import WeightsError
     path = resolve_weights(cfg.pretrained)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return path, None, {}
-    meta = read_metadata(path)
-    info = RunInfo.from_metadata(meta, path) if "classes" in meta and "model_args" in meta else None
-    arch = {k: v for k, v in architecture_of(path).items() if k not in ("num_classes", "in_chans", "drop_rate")}
-    return path, info, arch
+    if not path.is_file():
+        raise WeightsError(f"--pretrained {cfg.pretrained}: no such file, run folder or shipped weights "
+                           f"(cifar10, fashion_mnist)")
+    info = None
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if "classes" in meta and "model_args" in meta:
+            info = RunInfo.from_metadata(meta, path)
+    elif path.suffix == ".pt":  # a run's training checkpoint carries its RunInfo too
+        try:
+            info = RunInfo.from_dict(load_checkpoint(path), path)
+        except TrainingError:
+            info = None  # a plain .pt state dict
+    return path, info, _architecture(info.model_args if info else {})
+
+
+def _architecture(model_args: dict) -> dict:
+    """What a run's model arguments say about the architecture (not about its data)."""
+    return {k: v for k, v in model_args.items() if k not in ("num_classes", "in_chans", "drop_rate", "fast")}
 
 
 def _native_size(data: ImageData, skip_bad: bool) -> int:
@@ -297,7 +311,10 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 downloads, unpacks and caches first; the others then read its cache
-    source, like, arch = _pretrained(cfg) if cfg.pretrained and ckpt is None else (None, None, {})
+    if ckpt is not None:  # a resumed run: the architecture and preprocessing it started with
+        source, like, arch = None, RunInfo.from_dict(ckpt, cfg.out), _architecture(ckpt["model_args"])
+    else:
+        source, like, arch = _pretrained(cfg) if cfg.pretrained else (None, None, {})
     train_data, val_data, found = prepare_data(cfg, like)
     if world > 1 and rank == 0:
         dist.barrier()
@@ -445,7 +462,15 @@ def _loader(run: Run):
         return _augmented_batches(run, batches[run.batch * run.cfg.accum_steps:])
     return worker_errors_in_one_line(torch.utils.data.DataLoader(
         run.train_set, batch_sampler=batches[run.batch * run.cfg.accum_steps:], num_workers=run.cfg.workers,
-        pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed + run.epoch)))
+        pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed + run.epoch),
+        worker_init_fn=_leave_signals_to_the_trainer))
+
+
+def _leave_signals_to_the_trainer(worker_id: int):
+    """DataLoader workers ignore SIGINT/SIGTERM (a Ctrl-C or a scheduler's stop reaches the whole process
+    group): the training process notes them, checkpoints and then shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _augmented_batches(run: Run, batches: list[list[int]]):
@@ -581,7 +606,8 @@ def _announce(run: Run):
     n_params = sum(p.numel() for p in run.model.parameters())
     run.log(f"{cfg.model} (h={a['dim']}, d={a['depth']}, k={a['kernel_size']}, p={a['patch_size']}; "
             f"{n_params / 1e6:.3f}M params) on {cfg.dataset}: {len(run.train_data)} train / {len(run.val_data)} val "
-            f"images at {run.info.img_size}px, {run.world} process(es) on {run.device}, amp={run.dtype}, "
+            f"images at {run.info.img_size}px, {run.world} process(es) on {run.device}, "
+            f"amp={str(run.dtype).replace('torch.', '') if run.dtype else 'off (fp32)'}, "
             f"{cfg.epochs} epochs x {run.steps_per_epoch} steps")
     total = cfg.epochs * run.steps_per_epoch
     if total < 50 and not cfg.time_limit:
@@ -641,6 +667,8 @@ def _resumed_config(cfg: TrainConfig | None, ckpt: dict, resume: Path) -> TrainC
     if cfg is None:
         from .config import resume_config
         return resume_config(ckpt["config"], {"out": folder}, ckpt["epoch"])
+    from .config import BEFORE_THE_KEY
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in BEFORE_THE_KEY.items() if k not in ckpt["config"]})
     if Path(cfg.out).resolve() != resume.parent.resolve():
         raise ConfigError(f"--resume continues the run in its own folder {folder}, not --out {cfg.out}: drop --out "
                           f"(or copy the folder and resume from the copy)")

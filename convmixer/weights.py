@@ -158,7 +158,9 @@ def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, sou
     own = model.state_dict()
     fitting = {k: v for k, v in state_dict.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     skipped = [k for k in own if k not in fitting]
-    replaceable = [k for k in skipped if k.startswith("head.") or k == "stem.0.weight"]
+    other_channels = ("stem.0.weight" in state_dict and state_dict["stem.0.weight"].ndim == 4
+                      and tuple(state_dict["stem.0.weight"].shape[::2]) == tuple(own["stem.0.weight"].shape[::2]))
+    replaceable = [k for k in skipped if k.startswith("head.") or (k == "stem.0.weight" and other_channels)]
     unexpected = [k for k in state_dict if k not in own and not k.startswith("head.")]
     if strict or len(replaceable) != len(skipped) or unexpected:
         hint = ""

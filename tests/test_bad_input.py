@@ -294,6 +294,7 @@ def _weights(tmp_path, **meta_changes):
     (dict(img_size="60000"), "img_size=60000 is outside"), (dict(classes='["a"]'), "names 1 classes for a 3-class"),
     (dict(args_depth=3), "depth=3 but the tensors say 2"), (dict(model_args="[1, 2]"), "model_args must be a mapping"),
     (dict(mean="{"), "malformed metadata"), (dict(std="[0, 0, 0]"), "std > 0"), (dict(args_dim="x"), "dim='x'"),
+    (dict(args_act_layer=5), "bad values for act_layer"), (dict(args_activation="gelu"), "unknown keys activation"),
 ])
 def test_bad_metadata_is_refused_before_building(tmp_path, changes, words):
     path = _weights(tmp_path, **changes)

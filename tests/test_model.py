@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 
 import hypothesis.strategies as st
 import pytest

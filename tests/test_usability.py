@@ -208,3 +208,42 @@ def test_onnx_carries_metadata_takes_any_size_and_predicts(tmp_path, capsys):
     assert main(["predict", "--checkpoint", "cifar10", "--json", str(tmp_path / "x.png")]) == 0
     torch_top = json.loads(capsys.readouterr().out)[0]["top"]
     assert [t["class"] for t in onnx_top] == [t["class"] for t in torch_top]
+
+
+def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(tmp_path, capsys):
+    data = _my_images(tmp_path / "mydata", n_train=6, n_val=2)
+    out = tmp_path / "ft"
+    args = ["train", "--config", "finetune", "--data-dir", str(data), "--out", str(out), "--no-progress",
+            "--pretrained", "fashion_mnist", "--batch-size", "6"]
+    assert main(args + ["--epochs", "1"]) == 0
+    first = convmixer.load_model(out / "last.pt")[1]
+    assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]) == 0
+    model, info = convmixer.load_model(out)
+    assert model.patch_size == 4 and model.in_chans == 3  # the weights' patch, the data's channels
+    assert (info.img_size, info.mean, info.std) == (first.img_size, first.mean, first.std) == (28, info.mean, info.std)
+    # and a new run may fine-tune from that run's folder, taking its architecture from last.pt alone
+    (out / "model.safetensors").unlink()
+    (out / "best.safetensors").unlink()
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data), "--pretrained", str(out), "--epochs",
+                 "1", "--batch-size", "6", "--no-progress", "--out", str(tmp_path / "again")]) == 0
+    assert convmixer.load_model(tmp_path / "again")[0].patch_size == 4
+
+
+def test_shipped_names_win_over_folders_without_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10" / "train").mkdir(parents=True)  # a data folder that happens to share the name
+    model, info = convmixer.load_model("cifar10")
+    assert info.classes[0] == "airplane"
+
+
+def test_eval_on_other_data_does_not_reuse_the_runs_split(tmp_path, capsys):
+    data = _my_images(tmp_path / "other", n_train=4, n_val=2)
+    out = tmp_path / "run"
+    assert main(["train", "--config", "finetune", "--data-dir", str(data), "--out", str(out), "--epochs", "1",
+                 "--val-split", "0.25", "--no-progress", "--batch-size", "6"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0  # its own data: its own carved split
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    other = _my_images(tmp_path / "other2", n_train=4, n_val=5)
+    assert main(["eval", "--checkpoint", str(out), "--data-dir", str(other), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 15  # the other folder's own val/, nothing carved
