@@ -147,6 +147,8 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
     check_range("--steps", steps, 1, 100_000)
     check_range("--warmup", warmup, 0, 100_000)
     img_size = img_size or VARIANTS[model_name].input_size
+    from .config import check_batch_bytes
+    check_batch_bytes(max(batch_size, infer_batch_size), 3, img_size)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cands = candidates(model_name, device, include_timm) + list(extra)

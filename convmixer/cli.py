@@ -33,12 +33,13 @@ def cmd_summary(args):
 
     import torch
 
-    from .config import RANGES, check_range
+    from .config import RANGES, check_batch_bytes, check_range
     from .model import VARIANTS, count_parameters, create_model, flops_per_image
     check_range("--img-size", args.img_size, 1, RANGES["img_size"][1])
     check_range("--batch-size", args.batch_size, 1, 4096)
     model = create_model(args.model).eval()
     size = args.img_size or VARIANTS[args.model].input_size
+    check_batch_bytes(args.batch_size, model.in_chans, size)
     x = torch.randn(args.batch_size, model.in_chans, size, size).contiguous(memory_format=torch.channels_last)
     model.to(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -152,6 +152,9 @@ class TrainConfig:
             if value < low or value > high or (open_low and value == low) or (open_high and value == high):
                 span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
                 raise ConfigError(f"{key}={value:g} is outside its range {span}")
+        for key in ("out", "data_dir", "model", "dataset"):
+            if not str(getattr(self, key)).strip():
+                raise ConfigError(f"{key} is empty: give a value")
         if self.knee_at and not self.peak_at < self.knee_at < 1:
             raise ConfigError(f"knee_at must lie between peak_at ({self.peak_at}) and 1, got {self.knee_at}")
         if self.warmup_epochs > self.epochs:
@@ -169,6 +172,13 @@ def check_range(name: str, value, low, high):
     if value is not None and not low <= value <= high:
         raise ConfigError(f"{name} {value} is outside {low}..{high}")
     return value
+
+
+def check_batch_bytes(batch: int, channels: int, size: int, limit: int = 2 ** 31):
+    """A synthetic input batch must stay allocatable (2 GiB of float32 by default)."""
+    if batch * channels * size * size * 4 > limit:
+        raise ConfigError(f"a batch of {batch} x {channels} x {size} x {size} floats is "
+                          f"{batch * channels * size * size * 4 / 2 ** 30:.0f} GiB: lower --batch-size or --img-size")
 
 
 def _field_types() -> dict:

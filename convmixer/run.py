@@ -230,7 +230,8 @@ def load_checkpoint(path: str | Path, for_resume: bool = False) -> dict:
     ckpt = torch_load_safely(path, TrainingError)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
             or not isinstance(ckpt.get("model_args"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise TrainingError(f"{path} is not a convmixer training checkpoint (for plain weights use eval/predict)")
+        raise TrainingError(f"{path} is not a convmixer training checkpoint (<out>/last.pt); weights files go to "
+                            f"eval/predict, or start a new run from them with --pretrained {path}")
     missing = [k for k in RESUME_SECTIONS if k not in ckpt] if for_resume else []
     if missing:
         raise TrainingError(f"{path} lacks {', '.join(missing)}, so its run cannot be resumed: start a new run "
@@ -367,3 +368,9 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
+            if [p.name for p in self.path.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+                (self.path / ".lock").unlink(missing_ok=True)
+                try:
+                    self.path.rmdir()
+                except OSError:
+                    pass

@@ -386,6 +386,8 @@ def test_bad_command_arguments(tmp_path, fashion_dir, capsys):
     one_line(capsys, main(["bench", "--model", "convmixer_999"]), "unknown model")
     one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(tmp_path / "v"), "--layers", "9"]), "--layers")
     one_line(capsys, main(["summary", "--img-size", "100000"]), "--img-size 100000")
+    one_line(capsys, main(["summary", "--img-size", "4096", "--batch-size", "4096"]), "GiB")
+    one_line(capsys, main(["bench", "--img-size", "2048", "--batch-size", "4096"]), "GiB")
     one_line(capsys, main(["bench", "--batch-size", "0"]), "--batch-size 0")
     one_line(capsys, main(["export", "--checkpoint", w, "--out", str(tmp_path / "m.onnx"), "--img-size", "1"]), "--img-size 1")
     os.mkfifo(tmp_path / "pipe.png")

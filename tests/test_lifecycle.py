@@ -261,3 +261,11 @@ def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path, fash
     from convmixer.config import resume_config
     saved = {k: v for k, v in json.loads(json.dumps(cfg(tmp_path, fashion_dir).__dict__)).items() if k != "decay_all"}
     assert resume_config(saved, {}).decay_all is False  # older runs exempted biases and norms from weight decay
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "never"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "image folder not found" in capsys.readouterr().err and not out.exists()
+    assert main(["train", "--out", ""]) == 2
+    assert "out is empty" in capsys.readouterr().err
