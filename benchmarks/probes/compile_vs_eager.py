@@ -2,6 +2,7 @@
 Run: python benchmarks/probes/compile_vs_eager.py. Figures quoted in BENCHMARKS.md."""
 import torch, time
 import convmixer
+convmixer.tune_cpu()  # the allocator setting and subnormal flushing, as the convmixer command applies them
 m = convmixer.create_model("convmixer_256_8").to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
 x = torch.randn(128,3,32,32).contiguous(memory_format=torch.channels_last); y = torch.randint(0,10,(128,))

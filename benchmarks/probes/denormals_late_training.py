@@ -15,7 +15,10 @@ import time
 import torch
 
 from convmixer.data import STATS, load_dataset
-from convmixer.evaluate import load_for_inference
+from convmixer.fastops import tune_allocator
+from convmixer.run import load_model
+
+tune_allocator()  # as the convmixer command does; flushing subnormals is what this probe varies
 
 TINY = torch.finfo(torch.float32).tiny  # bf16 shares fp32's exponent range, so the same threshold
 
@@ -75,7 +78,7 @@ def flushed_in_all_threads() -> bool:
 def child(path, which, flush):
     # MXCSR (FTZ/DAZ) is per thread: set it before torch starts its thread pool, which inherits it
     torch.set_flush_denormal(flush)
-    model, _ = load_for_inference(path)
+    model, _ = load_model(path)
     if which == "fresh":
         for m in model.modules():
             if hasattr(m, "reset_parameters"):

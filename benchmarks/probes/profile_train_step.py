@@ -2,6 +2,7 @@
 Run: python benchmarks/probes/profile_train_step.py. Shares quoted in BENCHMARKS.md."""
 import torch, time
 import convmixer
+convmixer.tune_cpu()  # the allocator setting and subnormal flushing, as the convmixer command applies them
 from torch.profiler import profile, ProfilerActivity
 m = convmixer.create_model("convmixer_256_8").to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
