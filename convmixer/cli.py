@@ -205,6 +205,8 @@ def cmd_embed(args):
     from .weights import atomic_write
     if not args.out.endswith((".safetensors", ".npz")):
         raise ConfigError(f"--out {args.out}: end it with .safetensors or .npz")
+    if not 1 <= args.batch_size <= 4096:
+        raise ConfigError(f"--batch-size {args.batch_size} is outside 1..4096")
     model, info = load_model(args.checkpoint)
     files = image_files(args.images)
     vectors = embed(model, info, files, args.batch_size)

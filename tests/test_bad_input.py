@@ -225,7 +225,8 @@ def test_cache_on_and_off_give_the_same_batches(tmp_path):
     transform = eval_transform(12, 0.5, [0.5] * 3, [0.25] * 3)  # crop_pct applies on both paths
     a = next(eval_batches(cached, 12, transform))
     b = next(eval_batches(streamed, 12, transform))
-    torch.testing.assert_close(a[0], b[0]) and torch.testing.assert_close(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
     from convmixer.train import _native_size
     assert _native_size(cached, False) == _native_size(streamed, False) == 12  # not 224 when streamed
 
