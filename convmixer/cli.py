@@ -119,9 +119,9 @@ class _Parser(argparse.ArgumentParser):
 def cmd_train(args):
     from pathlib import Path
 
-    from .config import make_config, parse_overrides, read_config_file, resume_config
+    from .config import make_config, parse_overrides, read_config_file
     from .run import load_checkpoint
-    from .train import train
+    from .train import resumed_config, train
     # later wins: the config file, then --key value flags, then key=value words
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     overrides.update(parse_overrides(args.overrides))
@@ -129,21 +129,18 @@ def cmd_train(args):
         if args.overwrite:
             from .errors import ConfigError
             raise ConfigError("--resume continues a run and --overwrite replaces one: pass only one of them")
-        ckpt = load_checkpoint(args.resume)
         changes = {**(read_config_file(args.config) if args.config else {}), **overrides}
-        folder = str(Path(args.resume).parent)
-        if "out" in changes and Path(changes["out"]).resolve() != Path(folder).resolve():
-            from .errors import ConfigError
-            raise ConfigError(f"--resume continues the run in its own folder {folder}, not --out {changes['out']}: "
-                              f"drop --out (or copy the folder and resume from the copy)")
-        cfg = resume_config(ckpt["config"], {**changes, "out": folder}, ckpt["epoch"])
+        if not args.print_config:
+            train(resume=args.resume, changes=changes)
+            return 0
+        cfg = resumed_config(load_checkpoint(args.resume, for_resume=True), Path(args.resume), changes=changes)
     else:
         cfg = make_config(args.config, overrides)
-    if args.print_config:
-        import yaml
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-        return 0
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
+        if not args.print_config:
+            train(cfg, overwrite=args.overwrite)
+            return 0
+    import yaml
+    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -352,6 +349,12 @@ def _version():
     return f"convmixer {__version__}"
 
 
+def _user_error(args, message) -> int:
+    print(f"convmixer {args.command}: error: {message}", file=sys.stderr)
+    print("(run with --debug for the full traceback)", file=sys.stderr)
+    return 2
+
+
 def _show_causes(error: BaseException):
     """Undo ``raise ... from None`` along the chain, so --debug shows the original error too."""
     seen = set()
@@ -389,16 +392,12 @@ def main(argv=None) -> int:
         if args.debug:
             _show_causes(e)
             raise
-        print(f"convmixer {args.command}: error: {e}", file=sys.stderr)
-        print("(run with --debug for the full traceback)", file=sys.stderr)
-        return 2
+        return _user_error(args, e)
     except OSError as e:  # a file or folder the user named cannot be read or written
         if args.debug or not e.filename:
             raise
-        print(f"convmixer {args.command}: error: {e.filename}: {e.strerror or e}; check the path and its "
-              f"permissions, or free space", file=sys.stderr)
-        print("(run with --debug for the full traceback)", file=sys.stderr)
-        return 2
+        return _user_error(args, f"{e.filename}: {e.strerror or e}; check the path and its permissions, or free "
+                                 f"space")
     except KeyboardInterrupt:
         print(f"convmixer {args.command}: interrupted", file=sys.stderr)
         return 130

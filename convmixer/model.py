@@ -341,12 +341,18 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     return ConvMixerFeatures(model, out_indices) if features_only else model
 
 
+def stats_for_channels(mean, std, channels: int) -> tuple[list, list]:
+    """Per-channel mean/std for images with ``channels`` channels: statistics of another channel count
+    (RGB ones for grayscale images) are averaged."""
+    if len(mean) != channels:
+        return [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    return list(mean), list(std)
+
+
 def pretrained_cfg(name: str, model: "ConvMixer") -> dict:
     """timm's description of a model's input (``timm.data.resolve_data_config({}, model=m)`` reads it)."""
     v = VARIANTS[name]
-    mean, std = list(v.mean), list(v.std)
-    if model.in_chans != len(mean):
-        mean, std = [sum(mean) / len(mean)] * model.in_chans, [sum(std) / len(std)] * model.in_chans
+    mean, std = stats_for_channels(v.mean, v.std, model.in_chans)
     return {"input_size": (model.in_chans, v.input_size, v.input_size), "interpolation": "bicubic",
             "mean": tuple(mean), "std": tuple(std), "crop_pct": v.crop_pct, "crop_mode": "center",
             "num_classes": model.num_classes, "first_conv": "stem.0", "classifier": "head", "url": v.url or ""}

@@ -128,15 +128,13 @@ class RunInfo:
 
 
 def _variant_preprocessing(model_name: str, model_args: dict) -> dict:
-    from .model import VARIANTS
+    from .model import VARIANTS, stats_for_channels
     v = VARIANTS.get(model_name)
     # a value out of bounds is refused by RunInfo.check afterwards; here it only must not crash
     sane = {k: model_args.get(k, d) if isinstance(model_args.get(k, d), int) and 0 <= model_args.get(k, d) <= LIMITS[k]
             else d for k, d in (("in_chans", 3), ("num_classes", 0))}
     channels = sane["in_chans"] or 3
-    mean, std = (list(v.mean), list(v.std)) if v else ([0.5] * 3, [0.5] * 3)
-    if len(mean) != channels:
-        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    mean, std = stats_for_channels(v.mean, v.std, channels) if v else ([0.5] * channels, [0.5] * channels)
     return dict(classes=[str(i) for i in range(sane["num_classes"])], mean=mean, std=std,
                 img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else TrainConfig.crop_pct)
 

@@ -33,7 +33,7 @@ from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image
 from .errors import ConfigError, TrainingError
 from .augment import BatchAugment
 from .evaluate import evaluate
-from .model import ConvMixer, model_kwargs
+from .model import ConvMixer, model_kwargs, stats_for_channels
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
                   save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
@@ -225,9 +225,8 @@ def prepare_data(cfg: TrainConfig, like: RunInfo | None = None) -> tuple[ImageDa
         raise ConfigError(f"the validation classes ({', '.join(val.classes[:4])}...) differ from the training classes "
                           f"({', '.join(train_all.classes[:4])}...): give both splits the same class folders")
     train, val = _seeded_subset(train, cfg.subset, cfg.seed + 1), _seeded_subset(val, cfg.val_max, cfg.seed + 2)
-    mean, std = (like.mean, like.std) if like and len(like.mean) == train.channels else STATS[cfg.dataset]
-    if train.channels == 1 and len(mean) == 3:
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean, std = stats_for_channels(*((like.mean, like.std) if like and len(like.mean) == train.channels
+                                     else STATS[cfg.dataset]), train.channels)
     found = dict(classes=list(train_all.classes), in_chans=train.channels,
                  img_size=size or _native_size(train, cfg.skip_bad_images), mean=list(mean), std=list(std))
     return train, val, found
@@ -620,16 +619,18 @@ def _announce(run: Run):
 
 
 # --- the loop ------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, overwrite: bool = False,
+          changes: dict | None = None) -> dict:
     """Run a training job; returns the final summary (also written to <out>/summary.json).
 
     ``resume``: a checkpoint (``<out>/last.pt``) whose run to continue, in its own folder, with its own
-    settings; ``cfg`` may then be None, or differ from the run's only in config.RESUME_MUTABLE.
+    settings; ``cfg`` may then be None (or the settings given explicitly as ``changes``), or differ from
+    the run's only in config.RESUME_MUTABLE.
     ``overwrite``: replace a finished or abandoned run in ``cfg.out`` instead of refusing."""
     ckpt = load_checkpoint(resume, for_resume=True) if resume else None
     cfg = resolve_val_split(cfg) if cfg is not None else None
     if ckpt is not None:
-        cfg = _resumed_config(cfg, ckpt, Path(resume))
+        cfg = resumed_config(ckpt, Path(resume), cfg, changes)
     elif cfg is None:
         raise ConfigError("train() needs a config, or resume= a checkpoint")
     run = build_run(cfg, ckpt, Path(cfg.out), overwrite)
@@ -660,18 +661,20 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
             run.writer.close()
 
 
-def _resumed_config(cfg: TrainConfig | None, ckpt: dict, resume: Path) -> TrainConfig:
-    """The run's own config (``cfg`` may only change what config.RESUME_MUTABLE allows); the run
-    continues in the checkpoint's folder."""
+def resumed_config(ckpt: dict, resume: Path, cfg: TrainConfig | None = None,
+                   changes: dict | None = None) -> TrainConfig:
+    """The config of the run in ``ckpt``: its own, with ``changes`` (keys given explicitly), or ``cfg``
+    checked against it; either may only change what config.RESUME_MUTABLE allows. The run continues
+    in the checkpoint's folder."""
+    from .config import BEFORE_THE_KEY, resume_config
     folder = str(resume.parent)
-    if cfg is None:
-        from .config import resume_config
-        return resume_config(ckpt["config"], {"out": folder}, ckpt["epoch"])
-    from .config import BEFORE_THE_KEY
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in BEFORE_THE_KEY.items() if k not in ckpt["config"]})
-    if Path(cfg.out).resolve() != resume.parent.resolve():
-        raise ConfigError(f"--resume continues the run in its own folder {folder}, not --out {cfg.out}: drop --out "
+    out = cfg.out if cfg is not None else (changes or {}).get("out", folder)
+    if Path(out).resolve() != resume.parent.resolve():
+        raise ConfigError(f"--resume continues the run in its own folder {folder}, not --out {out}: drop --out "
                           f"(or copy the folder and resume from the copy)")
+    if cfg is None:
+        return resume_config(ckpt["config"], {**(changes or {}), "out": folder}, ckpt["epoch"])
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in BEFORE_THE_KEY.items() if k not in ckpt["config"]})
     check_resume(ckpt["config"], cfg, ckpt["epoch"])
     return cfg
 
