@@ -8,7 +8,8 @@ the recipe's augmentation to a micro-batch at a time instead of image by image i
   torchvision's own implementation of it as one sub-batch. Every operation works per image on a batch
   (AutoContrast, Equalize and Contrast use each image's own statistics), so each image gets what the
   per-image transform would give it for the same draw (tests/test_augment.py).
-- horizontal flips are one masked flip; random-resized crops, colour jitter and random erasing, off in
+- horizontal flips are one masked flip, translations one gather (reflecting at the border, as
+  ``v2.RandomCrop(padding=N, padding_mode="reflect")``); random-resized crops, colour jitter and random erasing, off in
   most recipes, run torchvision's per-image transforms on the images that need them.
 
 Streamed folders keep the per-image pipeline (data.train_transform) in DataLoader workers.
@@ -39,6 +40,8 @@ class BatchAugment:
         if cfg.hflip > 0:
             flip = (torch.rand(len(images)) < cfg.hflip).to(images.device)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        if cfg.translate:
+            images = translate(images, torch.randint(-cfg.translate, cfg.translate + 1, (len(images), 2)))
         for _ in range(cfg.randaugment_n):
             images = self.randaugment_round(images)
         if self.jitter is not None:
@@ -71,3 +74,21 @@ class BatchAugment:
                     images[pick], name, -magnitude if sign else magnitude,
                     interpolation=self.randaugment.interpolation, fill=self.randaugment._fill)
         return out
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions outside 0..size-1 mirrored back in, without repeating the edge (numpy's 'reflect')."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def translate(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Each image moved by its (dy, dx) in ``shifts`` (N x 2, each at most the image's size - 1), the
+    uncovered border filled by reflection: what a random crop of a reflect-padded image gives."""
+    n, c, h, w = images.shape
+    shifts = shifts.to(images.device)
+    rows = _reflect(torch.arange(h, device=images.device) + shifts[:, :1], h)  # N x H
+    cols = _reflect(torch.arange(w, device=images.device) + shifts[:, 1:], w)  # N x W
+    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
+    return images[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]

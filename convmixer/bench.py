@@ -93,6 +93,37 @@ class Candidate:
         return time.perf_counter() - t
 
 
+def step_peak_mib(step, device) -> tuple[float, float] | None:
+    """(peak, peak over what was held before) in MiB while ``step()`` runs: on a GPU the allocator's
+    peak counter; on Linux the process's resident high-water mark (VmHWM), reset through
+    /proc/self/clear_refs after glibc has returned its free memory (malloc_trim), so each candidate
+    is measured from the memory all of them hold and not from what an earlier one left. None where
+    neither is available."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() / 2 ** 20
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        return peak, peak - before
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_mib("VmRSS")
+        step()
+        peak = _status_mib("VmHWM")
+        return peak, peak - before
+    except (OSError, AttributeError, ValueError, StopIteration):
+        return None
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -175,13 +206,12 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
             c.train_times.append(c.train_step(x_train, y_train, device))
             c.infer_times.append(c.infer(x_infer, device))
             c.latency_times.append(c.infer(x_one, device))
-    set_allocator_tuned(True)
     peak_memory = {}
-    if device.type == "cuda":  # one more training step per candidate, with the peak counter reset
-        for c in cands:
-            torch.cuda.reset_peak_memory_stats()
-            c.train_step(x_train, y_train, device)
-            peak_memory[c.name] = torch.cuda.max_memory_allocated() / 2 ** 20
+    for c in cands:  # one more training step per candidate, with the peak counter reset
+        peak = step_peak_mib(lambda: c.train_step(x_train, y_train, device), device)
+        if peak is not None:
+            peak_memory[c.name] = peak
+    set_allocator_tuned(True)
     flop = flops_per_image(create_model(model_name), img_size, img_size)
     peaks = {}
     if device.type == "cpu":
@@ -197,7 +227,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
                    train_gflops=3 * flop * batch_size / train_s / 1e9,
                    infer_gflops=flop * infer_batch_size / infer_s / 1e9)
         if c.name in peak_memory:
-            row["peak_memory_mb"] = peak_memory[c.name]
+            row["peak_memory_mb"], row["step_memory_mb"] = peak_memory[c.name]
         peak = peaks.get("bf16" if c.amp == torch.bfloat16 else "fp32")
         if peak:
             row["train_share_of_peak"] = row["train_gflops"] / peak
@@ -215,7 +245,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
                 steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
                 gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
                 cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
-                # CPU: the process's peak resident memory (all candidates together); CUDA: per candidate
+                # per candidate: peak_memory_mb (resident on a CPU, allocated on a GPU) and step_memory_mb
                 process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=rows)
 
 
@@ -242,8 +272,11 @@ def format_table(report: dict) -> str:
                      f"{r['infer_images_per_second']:>11.1f} {r[ratio_key.replace('train', 'infer')]:>5.2f} "
                      f"{r['latency_ms']:>7.2f} {r['train_gflops']:>10.1f} {100 * r.get('train_share_of_peak', 0):>5.1f}% "
                      f"{r['infer_gflops']:>10.1f} {100 * r.get('infer_share_of_peak', 0):>5.1f}%")
-    lines.append(f"process peak resident memory: {report['process_max_rss_mb']:.0f} MiB"
-                 + "".join(f"; {r['name']}: {r['peak_memory_mb']:.0f} MiB GPU" for r in rows if "peak_memory_mb" in r))
+    where = "GPU allocated" if report["gpu"] else "resident"
+    lines.append(f"process peak resident memory: {report['process_max_rss_mb']:.0f} MiB; peak {where} in one training "
+                 f"step (of which the step's own):")
+    lines += [f"  {r['name']:<24} {r['peak_memory_mb']:>8.0f} MiB ({r['step_memory_mb']:.0f})" for r in rows
+              if "peak_memory_mb" in r]
     if report["matmul_peak_gflops"]:
         lines.append("matmul peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflops"].items()))
     return "\n".join(lines)

@@ -26,7 +26,8 @@ RANGES = {
     "randaugment_n": (0, 14, False, False), "randaugment_m": (0, 30, False, False),
     "color_jitter": (0, 10, False, False), "random_erasing": (0, 1, False, False), "mixup": (0, 100, False, False),
     "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
-    "tta_shift": (0, 64, False, False), "seed": (0, 2 ** 32 - 1, False, False),
+    "tta_shift": (0, 64, False, False), "translate": (0, 64, False, False), "res_start": (0, 4096, False, False),
+    "res_until": (0, 1, True, False), "whiten_eps": (0, 10, True, False), "seed": (0, 2 ** 32 - 1, False, False),
     "save_every": (0, 100_000, False, False), "eval_every": (1, 100_000, False, False),
     "time_limit": (0, 10 ** 6, False, False), "sync_every": (0, 100_000, False, False),
 }
@@ -89,12 +90,19 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing in [0, 1)")
     scale_min: float = _f(1.0, "random-resized-crop scale range (scale_min, 1); 1 = no crop")
     hflip: float = _f(0.5, "probability of a horizontal flip")
+    translate: int = _f(0, "random translation by up to N pixels, reflecting at the border; 0 = off")
     randaugment_n: int = _f(2, "RandAugment operations per image; 0 = off")
     randaugment_m: int = _f(12, "RandAugment magnitude, 0..30")
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength; 0 = off")
     random_erasing: float = _f(0.0, "probability of random erasing; 0 = off")
     mixup: float = _f(0.0, "mixup alpha; 0 = off")
     cutmix: float = _f(0.0, "CutMix alpha; 0 = off (with mixup: one of the two per batch)")
+    res_start: int = _f(0, "progressive resizing: train at this image size first, growing linearly to img_size "
+                           "by res_until of training (multiples of the patch size); 0 = off")
+    res_until: float = _f(0.75, "progressive resizing: fraction of training at which img_size is reached")
+    stem_init: str = _f("default", "patch-embedding initialisation: default | whiten (filters that whiten the "
+                                   "training images' p x p patches, from their covariance)")
+    whiten_eps: float = _f(5e-4, "stem_init=whiten: added to the patch covariance's eigenvalues")
     crop_pct: float = _f(1.0, "evaluation: resize to img_size / crop_pct, then centre-crop img_size")
     ema_decay: float = _f(0.0, "exponential moving average of the weights, in [0, 1); 0 = off")
     tta_flip: bool = _f(False, "evaluation averages each image and its mirror")
@@ -139,7 +147,7 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}{hint}; `convmixer models` lists them")
         choices = {"dataset": DATASETS, "schedule": ("onecycle", "cosine", "constant"),
                    "amp": ("auto", "bf16", "fp16", "off"), "norm": ("batchnorm", "layernorm"),
-                   "activation": (None, "gelu", "relu", "silu")}
+                   "activation": (None, "gelu", "relu", "silu"), "stem_init": ("default", "whiten")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(str, allowed))}")
@@ -164,6 +172,8 @@ class TrainConfig:
         patch = self.patch_size or VARIANTS[self.model].patch_size
         if self.img_size is not None and patch > self.img_size:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
+        if self.res_start and self.res_start < patch:
+            raise ConfigError(f"res_start {self.res_start} is smaller than the patch size {patch}: raise res_start")
         return self
 
 

@@ -430,6 +430,8 @@ def train_transform(cfg, img_size: int, mean, std) -> v2.Compose:
     steps = [v2.RandomResizedCrop(img_size, scale=(cfg.scale_min, 1.0), antialias=True)]
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.translate:
+        steps.append(v2.RandomCrop(img_size, padding=cfg.translate, padding_mode="reflect"))
     if cfg.randaugment_n > 0:
         steps.append(v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m))
     if cfg.color_jitter > 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ModelError
@@ -58,6 +59,32 @@ def _make_act(act_layer) -> nn.Module:
             raise ModelError(f"unknown activation {act_layer!r}: choose one of {sorted(ACTIVATIONS)}")
         return ACTIVATIONS[act_layer.lower()]()
     return act_layer()
+
+
+@torch.no_grad()
+def whiten_stem(model: "ConvMixer", images: torch.Tensor, eps: float = 5e-4, seed: int = 0) -> None:
+    """Initialise the patch embedding from the data, as fast CIFAR-10 training initialises its first
+    layer: with the eigen-decomposition V diag(l) V^T of the covariance of the images' p x p patches,
+    the first filters are the whitening directions +-v / sqrt(l + eps), the rest random unit
+    combinations of them, and the biases centre every output on the data. Each channel then sees
+    unit-variance input in which fine and coarse patch structure weigh alike. ``images``: normalised
+    N x C x H x W."""
+    conv = model.stem[0]
+    p = conv.kernel_size[0]
+    patches = F.unfold(images.double(), p, stride=p).transpose(1, 2).reshape(-1, conv.weight[0].numel())
+    mean = patches.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+    order = eigenvalues.argsort(descending=True)
+    whiten = eigenvectors[:, order].T / (eigenvalues[order].clamp(min=0) + eps).sqrt().unsqueeze(1)  # D x D
+    d = whiten.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randn(max(0, conv.out_channels - 2 * d), d, generator=generator, dtype=torch.float64)
+    mix = torch.cat([torch.eye(d, dtype=torch.float64), -torch.eye(d, dtype=torch.float64),
+                     extra / extra.norm(dim=1, keepdim=True)])[:conv.out_channels]
+    weight = mix @ whiten
+    conv.weight.copy_(weight.view_as(conv.weight))
+    if conv.bias is not None:
+        conv.bias.copy_(-weight @ mean)
 
 
 class ConvMixer(nn.Module):

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, check_resume
 from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image, load_dataset, split_train_val,
-                   train_transform, worker_errors_in_one_line)
+                   eval_transform, train_transform, worker_errors_in_one_line)
 from .errors import ConfigError, TrainingError
 from .augment import BatchAugment
 from .evaluate import evaluate
-from .model import ConvMixer, model_kwargs, stats_for_channels
+from .model import ConvMixer, model_kwargs, stats_for_channels, whiten_stem
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
                   save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
@@ -328,7 +328,12 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
     info = RunInfo(model_args=margs, classes=found["classes"], mean=found["mean"], std=found["std"],
                    img_size=found["img_size"], crop_pct=cfg.crop_pct, model_name=cfg.model, dataset=cfg.dataset,
                    config=dataclasses.asdict(cfg))
+    if cfg.translate >= found["img_size"] or cfg.res_start > found["img_size"]:
+        raise ConfigError(f"translate {cfg.translate} / res_start {cfg.res_start} must stay below the "
+                          f"{found['img_size']} px images: lower them")
     model = ConvMixer(**margs)
+    if cfg.stem_init == "whiten" and source is None and ckpt is None:
+        whiten_stem(model, _stem_sample(train_data, info, cfg), cfg.whiten_eps, cfg.seed)
     if source is not None:
         skipped = load_into(model, read_state_dict(source), strict=False, source=str(source))
         if rank == 0:
@@ -396,6 +401,9 @@ def train_step(run: Run, micro_batches):
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        size = train_size(cfg, run.info.img_size, run.info.model_args["patch_size"], run.progress(run.spent))
+        if size != images.shape[-1]:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         images, targets = run.mixer(images, labels) if run.mixer else (images, labels)
         sync = nullcontext() if (run.world == 1 or a == cfg.accum_steps - 1) else model.no_sync()
         with sync:
@@ -441,6 +449,24 @@ def agree(run: Run, stop: SignalFlag) -> bool:
                                                       stats["seen"] + run.pending_seen)
     run.pending, run.pending_seen, run.spent = None, 0, spent / run.world
     return signalled > 0
+
+
+def _stem_sample(data: ImageData, info: RunInfo, cfg: TrainConfig, n: int = 5000) -> torch.Tensor:
+    """Up to n training images as the model sees them at evaluation, for the whitening initialisation."""
+    transform = eval_transform(info.img_size, info.crop_pct, info.mean, info.std)
+    if data.images is not None:
+        return transform(data.images[:n])
+    images = TransformedImages(data, transform, cfg.skip_bad_images)
+    return torch.stack([images[i][0] for i in range(min(n // 10, len(images)))])
+
+
+def train_size(cfg: TrainConfig, img_size: int, patch_size: int, progress: float) -> int:
+    """The image size at this point of training: with progressive resizing, from res_start at the start
+    to img_size at res_until, in multiples of the patch size."""
+    if not cfg.res_start or cfg.res_start >= img_size or progress >= cfg.res_until:
+        return img_size
+    size = cfg.res_start + (img_size - cfg.res_start) * progress / cfg.res_until
+    return max(patch_size, int(size) // patch_size * patch_size)
 
 
 def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torch.device):

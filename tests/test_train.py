@@ -75,7 +75,8 @@ def test_signal_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir, 
     args = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0",
             "--epochs", "6", "--batch-size", "32", "--dim", "16", "--depth", "2", "--kernel-size", "3",
             "--patch-size", "2", "--randaugment-n", "1", "--amp", "off", "--deterministic", "true",
-            "--progress", "false", "--lr", "0.01"]
+            "--progress", "false", "--lr", "0.01", "--translate", "2", "--res-start", "16", "--res-until", "0.6",
+            "--stem-init", "whiten"]
     full = _run_cli(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     out = tmp_path / "cut"
@@ -290,6 +291,7 @@ def test_bench_command_reports_side_by_side(capsys):
     for r in report["results"]:
         assert r["train_images_per_second"] > 0 and r["infer_images_per_second"] > 0 and r["latency_ms"] > 0
         assert "train_ratio_vs_timm" in r
+        assert r["peak_memory_mb"] >= r["step_memory_mb"] > 0  # per candidate (Linux: VmHWM reset per step)
     assert report["matmul_peak_gflops"]["fp32"] > 0 and report["process_max_rss_mb"] > 0
     assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4",
                  "--infer-batch-size", "4", "--steps", "1", "--warmup", "0"]) == 0

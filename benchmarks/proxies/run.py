@@ -1,0 +1,74 @@
+"""Short proxy runs for time-to-accuracy decisions (issue 16): one recipe change, several seeds, a few
+minutes of wall-clock each, validated on the seeded 5,000-image split with the mirror only.
+
+    python benchmarks/proxies/run.py NAME [--minutes 5] [--seeds 0 1 2] -- KEY=VALUE ...
+
+Each run is `convmixer train --config cifar10_90min --time-limit MINUTES ...` into
+results/proxies/NAME_s<seed>/; the summary (mean, spread) is appended to results/proxies/summary.jsonl
+and `--table` prints every recorded change as the Markdown table in RESULTS.md. Run one at a time on a
+quiet machine: the budget is wall-clock."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2] / "results" / "proxies"
+
+
+def final_val(folder: Path) -> float:
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [l for l in lines if "val_top1" in l][-1]["val_top1"]
+
+
+def table() -> None:
+    print("| change | settings | minutes | seeds | val top-1 mean | spread (min-max) | epochs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for line in (ROOT / "summary.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        print(f"| {r['name']} | `{' '.join(r['settings']) or '(base)'}` | {r['minutes']:g} | {len(r['seeds'])} | "
+              f"{100 * r['mean']:.2f}% | {100 * min(r['accs']):.2f}-{100 * max(r['accs']):.2f} | {r['epochs']:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name", nargs="?")
+    ap.add_argument("--minutes", type=float, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--config", default="cifar10_90min")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("settings", nargs="*", help="key=value overrides")
+    args = ap.parse_args()
+    if args.table:
+        return table()
+    accs, epochs = [], []
+    for seed in args.seeds:
+        out = ROOT / f"{args.name}_s{seed}"
+        cmd = [sys.executable, "-m", "convmixer", "train", "--config", args.config, "--data-dir", args.data_dir,
+               "--time-limit", str(args.minutes), "--seed", str(seed), "--out", str(out), "--overwrite",
+               "--eval-every", "1000", "--tta-shift", "0", "--no-progress", *args.settings]
+        t = time.time()
+        subprocess.run(cmd, check=True)
+        accs.append(final_val(out))
+        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        batch = int(next(l.split(":")[1] for l in (out / "config.yaml").read_text().splitlines()
+                         if l.startswith("batch_size:")))
+        epochs.append(lines[-1]["step"] * batch / 45000)
+        print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {time.time() - t:.0f} s", flush=True)
+    row = dict(name=args.name, settings=args.settings, minutes=args.minutes, seeds=args.seeds, accs=accs,
+               mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
+               machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"))
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with open(ROOT / "summary.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
