@@ -396,14 +396,15 @@ def train_step(run: Run, micro_batches):
     sums stay there until the next ``agree``; the learning rate follows the last agreed time spent."""
     cfg, model = run.cfg, run.step_model
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss x n, correct
+    progress = run.progress(run.spent)
+    size = train_size(cfg, run.info.img_size, run.info.model_args["patch_size"], progress)
     for a in range(cfg.accum_steps):
         images, labels = next(micro_batches)
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        size = train_size(cfg, run.info.img_size, run.info.model_args["patch_size"], run.progress(run.spent))
         if size != images.shape[-1]:
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         images, targets = run.mixer(images, labels) if run.mixer else (images, labels)
         sync = nullcontext() if (run.world == 1 or a == cfg.accum_steps - 1) else model.no_sync()
         with sync:
@@ -416,7 +417,7 @@ def train_step(run: Run, micro_batches):
         run.pending_seen += len(labels) * run.world
     run.pending = sums if run.pending is None else run.pending + sums
     for group in run.optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_factor(run.progress(run.spent), cfg)
+        group["lr"] = cfg.lr * lr_factor(progress, cfg)
     if cfg.clip_grad > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)

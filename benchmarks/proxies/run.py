@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from convmixer.config import read_config_file
+from convmixer.run import read_metrics
+
 ROOT = Path(__file__).resolve().parents[2] / "results" / "proxies"
 
 
-def final_val(folder: Path) -> float:
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [l for l in lines if "val_top1" in l][-1]["val_top1"]
+TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 training images less the seeded 5,000 of validation
 
 
 def table() -> None:
@@ -55,11 +56,9 @@ def main() -> None:
                "--eval-every", "1000", "--tta-shift", "0", "--no-progress", *args.settings]
         t = time.time()
         subprocess.run(cmd, check=True)
-        accs.append(final_val(out))
-        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        batch = int(next(l.split(":")[1] for l in (out / "config.yaml").read_text().splitlines()
-                         if l.startswith("batch_size:")))
-        epochs.append(lines[-1]["step"] * batch / 45000)
+        accs.append(json.loads((out / "summary.json").read_text())["final_val_top1"])
+        steps = read_metrics(out)[-1]["step"]
+        epochs.append(steps * read_config_file(out / "config.yaml")["batch_size"] / TRAIN_IMAGES)
         print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {time.time() - t:.0f} s", flush=True)
     row = dict(name=args.name, settings=args.settings, minutes=args.minutes, seeds=args.seeds, accs=accs,
                mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
