@@ -27,7 +27,7 @@ RANGES = {
     "color_jitter": (0, 10, False, False), "random_erasing": (0, 1, False, False), "mixup": (0, 100, False, False),
     "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
     "tta_shift": (0, 64, False, False), "translate": (0, 64, False, False), "res_start": (0, 4096, False, False),
-    "res_until": (0, 1, True, False), "whiten_eps": (0, 10, True, False), "seed": (0, 2 ** 32 - 1, False, False),
+    "res_until": (0, 1, True, True), "whiten_eps": (1e-6, 10, False, False), "seed": (0, 2 ** 32 - 1, False, False),
     "save_every": (0, 100_000, False, False), "eval_every": (1, 100_000, False, False),
     "time_limit": (0, 10 ** 6, False, False), "sync_every": (0, 100_000, False, False),
 }
@@ -98,8 +98,8 @@ class TrainConfig:
     mixup: float = _f(0.0, "mixup alpha; 0 = off")
     cutmix: float = _f(0.0, "CutMix alpha; 0 = off (with mixup: one of the two per batch)")
     res_start: int = _f(0, "progressive resizing: train at this image size first, growing linearly to img_size "
-                           "by res_until of training (multiples of the patch size); 0 = off")
-    res_until: float = _f(0.75, "progressive resizing: fraction of training at which img_size is reached")
+                           "by res_until of training, rounded down to multiples of the patch size; 0 = off")
+    res_until: float = _f(0.75, "progressive resizing: fraction of training (below 1) from which on it runs at img_size")
     stem_init: str = _f("default", "patch-embedding initialisation: default | whiten (filters that whiten the "
                                    "training images' p x p patches, from their covariance)")
     whiten_eps: float = _f(5e-4, "stem_init=whiten: added to the patch covariance's eigenvalues")
@@ -344,8 +344,10 @@ def resume_config(saved: dict, changes: dict, epochs_done: int = 0) -> TrainConf
 
 def check_resume(saved: dict, cfg: TrainConfig, epochs_done: int = 0):
     """Refuse to resume a run with settings that cannot change mid-run (one line listing them)."""
-    differ = [f"{k} ({saved[k]!r} -> {v!r})" for k, v in dataclasses.asdict(cfg).items()
-              if k in saved and k not in RESUME_MUTABLE and k != "out" and saved[k] != v]
+    # a key the checkpoint predates ran as BEFORE_THE_KEY says, else as its default
+    was = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **BEFORE_THE_KEY, **saved}
+    differ = [f"{k} ({was[k]!r} -> {v!r})" for k, v in dataclasses.asdict(cfg).items()
+              if k not in RESUME_MUTABLE and k != "out" and was[k] != v]
     if differ:
         raise ConfigError(f"--resume continues a run as it was configured, but these settings differ from its "
                           f"checkpoint: {', '.join(differ)}; only {', '.join(RESUME_MUTABLE)} may change (start a new "

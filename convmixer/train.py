@@ -332,7 +332,8 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
         raise ConfigError(f"translate {cfg.translate} / res_start {cfg.res_start} must stay below the "
                           f"{found['img_size']} px images: lower them")
     model = ConvMixer(**margs)
-    if cfg.stem_init == "whiten" and source is None and ckpt is None:
+    if cfg.stem_init == "whiten" and ckpt is None:
+        _check_whiten(margs, source, len(train_data) * (info.img_size // margs["patch_size"]) ** 2)
         whiten_stem(model, _stem_sample(train_data, info, cfg), cfg.whiten_eps, cfg.seed)
     if source is not None:
         skipped = load_into(model, read_state_dict(source), strict=False, source=str(source))
@@ -452,13 +453,29 @@ def agree(run: Run, stop: SignalFlag) -> bool:
     return signalled > 0
 
 
-def _stem_sample(data: ImageData, info: RunInfo, cfg: TrainConfig, n: int = 5000) -> torch.Tensor:
-    """Up to n training images as the model sees them at evaluation, for the whitening initialisation."""
+def _stem_sample(data: ImageData, info: RunInfo, cfg: TrainConfig, values: int = 2 ** 24) -> torch.Tensor:
+    """A seeded random sample of the training images (about `values` floats in all, at most 5,000 images) as
+    the model sees them at evaluation, for the whitening initialisation. The same images whether the set
+    is decoded or read from files; sets are often sorted by class, hence random."""
+    n = min(len(data), 5000, max(2, values // (info.model_args["in_chans"] * info.img_size ** 2)))
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values
     transform = eval_transform(info.img_size, info.crop_pct, info.mean, info.std)
     if data.images is not None:
-        return transform(data.images[:n])
+        return transform(data.images[pick])
     images = TransformedImages(data, transform, cfg.skip_bad_images)
-    return torch.stack([images[i][0] for i in range(min(n // 10, len(images)))])
+    return torch.stack([images[i][0] for i in pick.tolist()])
+
+
+def _check_whiten(margs: dict, source, patches: int) -> None:
+    if source is not None:
+        raise ConfigError(f"stem_init=whiten initialises a new model's patch embedding, but {source} brings "
+                          f"trained weights: drop stem_init or pretrained")
+    if margs["in_chans"] * margs["patch_size"] ** 2 < 2:
+        raise ConfigError(f"stem_init=whiten needs patches of 2 or more values, but {margs['in_chans']} channel(s) "
+                          f"x patch_size {margs['patch_size']}^2 make 1: use stem_init=default or a larger patch")
+    if patches < 2:
+        raise ConfigError("stem_init=whiten estimates a covariance from the training patches, and there is only "
+                          "one: use stem_init=default or more images")
 
 
 def train_size(cfg: TrainConfig, img_size: int, patch_size: int, progress: float) -> int:

@@ -261,6 +261,12 @@ def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path, fash
     from convmixer.config import resume_config
     saved = {k: v for k, v in json.loads(json.dumps(cfg(tmp_path, fashion_dir).__dict__)).items() if k != "decay_all"}
     assert resume_config(saved, {}).decay_all is False  # older runs exempted biases and norms from weight decay
+    # nor may a key the checkpoint predates change the run: it trained with that key's default
+    older = {k: v for k, v in saved.items() if k not in ("translate", "stem_init")}
+    for change in ({"translate": 4}, {"stem_init": "whiten"}):
+        with pytest.raises(ConfigError, match=f"{next(iter(change))} .* -> "):
+            resume_config(older, change)
+    assert resume_config(older, {"translate": 0}).translate == 0
 
 
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):

@@ -1,10 +1,14 @@
 """The fast-training options: translation, progressive resizing and the whitening stem."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+import convmixer.train as training
 from convmixer.augment import BatchAugment, translate
 from convmixer.config import ConfigError, TrainConfig
+from convmixer.data import decode_folder, scan_folder, train_transform
 from convmixer.model import ConvMixer, whiten_stem
 from convmixer.train import train, train_size
 from test_train import tiny_config
@@ -22,16 +26,22 @@ def test_translate_is_a_crop_of_the_reflect_padded_image(shape):
         assert torch.equal(out[i], padded[:, 3 + dy:3 + dy + h, 3 + dx:3 + dx + w]), (dy, dx)
 
 
-def test_batch_translation_draws_every_shift_alike():
-    aug = BatchAugment(TrainConfig(randaugment_n=0, hflip=0, translate=1), 6, [0.0], [1.0])
+@pytest.mark.parametrize("path, n", [("batch", 9000), ("per image", 2700)])
+def test_translation_draws_every_shift_alike(path, n):
+    """Both paths: the batched one for decoded sets, torchvision's per image for streamed folders."""
+    cfg = TrainConfig(randaugment_n=0, hflip=0, translate=1, scale_min=1.0)
     g = torch.Generator().manual_seed(1)
     image = torch.randint(0, 256, (1, 1, 6, 6), dtype=torch.uint8, generator=g)
     torch.manual_seed(0)
-    out = aug(image.expand(9000, 1, 6, 6).contiguous())
+    if path == "batch":
+        out = BatchAugment(cfg, 6, [0.0], [1.0])(image.expand(n, 1, 6, 6).contiguous())
+    else:
+        per_image = train_transform(cfg, 6, [0.0], [1.0])
+        out = torch.stack([per_image(image[0]) for _ in range(n)])
     views = {(dy, dx): translate(image, torch.tensor([[dy, dx]]))[0].float() / 255
              for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
     counts = {k: int(((out - v).abs().flatten(1).max(1).values < 1e-6).sum()) for k, v in views.items()}
-    assert sum(counts.values()) == 9000 and all(abs(c / 9000 - 1 / 9) < 0.02 for c in counts.values())
+    assert sum(counts.values()) == n and all(abs(c / n - 1 / 9) < 0.03 for c in counts.values())
 
 
 def test_progressive_size_schedule():
@@ -40,7 +50,57 @@ def test_progressive_size_schedule():
     assert sizes[0] == 16 and sizes[49] < 32 and sizes[50:] == [32] * 51
     assert sizes == sorted(sizes) and all(s % 2 == 0 for s in sizes)
     assert train_size(TrainConfig(), 32, 2, 0.0) == 32  # off
-    assert train_size(TrainConfig(res_start=9, res_until=1.0), 28, 4, 0.0) == 8  # a multiple of the patch
+    assert train_size(TrainConfig(res_start=9, res_until=0.9), 28, 4, 0.0) == 8  # a multiple of the patch
+
+
+def test_a_run_trains_at_the_growing_size_and_evaluates_at_the_full_one(tmp_path, fashion_dir, monkeypatch):
+    seen = []
+    forward = ConvMixer.forward_features
+    monkeypatch.setattr(ConvMixer, "forward_features",
+                        lambda self, x: seen.append((self.training, x.shape[-1])) or forward(self, x))
+    train(tiny_config(tmp_path, fashion_dir, epochs=3, res_start=14, res_until=0.5, patch_size=2))
+    trained = [size for training_mode, size in seen if training_mode]
+    assert trained[0] == 14 and trained[-1] == 28 and trained == sorted(trained)
+    assert len(set(trained)) > 3 and all(size % 2 == 0 for size in trained)
+    assert {size for training_mode, size in seen if not training_mode} == {28}
+
+
+def _brightest_cell(image):
+    """make_images' class: the 4x4 cell holding its bright block."""
+    cells = image.mean(0).unfold(0, 8, 8).unfold(1, 8, 8).mean((-1, -2))
+    return int(cells.flatten().argmax())
+
+
+def test_whitening_sample_is_random_and_the_same_from_files_or_decoded(folder_dir):
+    files = scan_folder(folder_dir / "train")  # sorted by class, as most image sets are
+    decoded = decode_folder(files, 32, progress=False)
+    info = SimpleNamespace(model_args={"in_chans": 3}, img_size=32, crop_pct=1.0, mean=[0.5] * 3, std=[0.25] * 3)
+    cfg = TrainConfig(seed=5)
+    sample = training._stem_sample(files, info, cfg, values=3 * 32 * 32 * 24)
+    assert sample.shape == (24, 3, 32, 32)
+    torch.testing.assert_close(training._stem_sample(decoded, info, cfg, values=3 * 32 * 32 * 24), sample)
+    assert len({_brightest_cell(image) for image in sample}) == 4  # every class, not the first class's files
+    other = training._stem_sample(decoded, info, TrainConfig(seed=6), values=3 * 32 * 32 * 24)
+    assert not torch.equal(other, sample)
+    assert training._stem_sample(decoded, info, cfg, values=1).shape[0] == 2  # at least two images
+    assert training._stem_sample(decoded, info, cfg).shape[0] == 240  # at most the whole set
+
+
+def test_a_run_initialises_its_stem_from_the_whitening_sample(tmp_path, fashion_dir, monkeypatch):
+    stems = []
+
+    def whiten_and_record(model, images, eps, seed):
+        whiten_stem(model, images, eps, seed)
+        stems.append((model.stem[0].weight.detach().clone(), images))
+    monkeypatch.setattr(training, "whiten_stem", whiten_and_record)
+    train(tiny_config(tmp_path, fashion_dir, epochs=1, stem_init="whiten", patch_size=4, whiten_eps=1e-3))
+    (weight, images), = stems
+    assert images.shape[1:] == (1, 28, 28) and len(images) == 600  # the whole (tiny) training set
+    fresh = ConvMixer(weight.shape[0], 1, kernel_size=3, patch_size=4, in_chans=1, num_classes=10)
+    whiten_stem(fresh, images, 1e-3, TrainConfig().seed)
+    torch.testing.assert_close(fresh.stem[0].weight, weight)
+    train(tiny_config(tmp_path / "b", fashion_dir, epochs=1))
+    assert len(stems) == 1  # the default initialisation does not whiten
 
 
 def test_whitened_stem_gives_centred_unit_variance_channels():
@@ -74,6 +134,11 @@ def test_a_run_with_the_fast_options_learns(tmp_path, fashion_dir):
     (dict(stem_init="pca"), "stem_init='pca' is not one of"),
     (dict(res_until=0.0), "res_until=0 is outside"),
     (dict(translate=-1), "translate=-1 is outside"),
+    (dict(res_until=1.0), "res_until=1 is outside"),
+    (dict(res_until=float("nan")), "res_until"),
+    (dict(whiten_eps=0.0), "whiten_eps=0 is outside"),
+    (dict(whiten_eps=1e-300), "whiten_eps=1e-300 is outside"),
+    (dict(whiten_eps=float("inf")), "whiten_eps"),
 ])
 def test_bad_fast_options_are_refused(values, words):
     with pytest.raises(ConfigError, match=words):
@@ -84,3 +149,12 @@ def test_bad_fast_options_are_refused(values, words):
 def test_options_larger_than_the_images_are_refused(tmp_path, fashion_dir, values):
     with pytest.raises(ConfigError, match="must stay below the 28 px images"):
         train(tiny_config(tmp_path, fashion_dir, **values))
+
+
+def test_whitening_a_stem_it_cannot_whiten_is_refused(tmp_path, fashion_dir):
+    with pytest.raises(ConfigError, match="patches of 2 or more values"):  # 1 channel x 1 pixel
+        train(tiny_config(tmp_path, fashion_dir, stem_init="whiten", patch_size=1))
+    weights = tmp_path / "first" / "run" / "model.safetensors"
+    train(tiny_config(tmp_path / "first", fashion_dir, epochs=1))
+    with pytest.raises(ConfigError, match="brings trained weights: drop stem_init or pretrained"):
+        train(tiny_config(tmp_path, fashion_dir, stem_init="whiten", pretrained=str(weights)))

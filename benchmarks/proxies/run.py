@@ -1,9 +1,9 @@
 """Short proxy runs for time-to-accuracy decisions (issue 16): one recipe change, several seeds, a few
 minutes of wall-clock each, validated on the seeded 5,000-image split with the mirror only.
 
-    python benchmarks/proxies/run.py NAME [--minutes 5] [--seeds 0 1 2] -- KEY=VALUE ...
+    python benchmarks/proxies/run.py NAME [--minutes 5] [--seeds 0 1 2] [--config cifar10_90min] -- KEY=VALUE ...
 
-Each run is `convmixer train --config cifar10_90min --time-limit MINUTES ...` into
+Each run is `convmixer train --config CONFIG --time-limit MINUTES --val-split 5000 ...` into
 results/proxies/NAME_s<seed>/; the summary (mean, spread) is appended to results/proxies/summary.jsonl
 and `--table` prints every recorded change as the Markdown table in RESULTS.md. Run one at a time on a
 quiet machine: the budget is wall-clock."""
@@ -24,15 +24,22 @@ from convmixer.run import read_metrics
 ROOT = Path(__file__).resolve().parents[2] / "results" / "proxies"
 
 
-TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 training images less the seeded 5,000 of validation
+TRAIN_SPLIT = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000, "mnist": 60_000}
+
+
+def epochs_run(out: Path) -> float:
+    """Epochs the run trained: its optimizer steps x global batch over the training images left after validation."""
+    cfg = read_config_file(out / "config.yaml")
+    images = TRAIN_SPLIT[cfg["dataset"]] - int(cfg["val_split"])
+    return read_metrics(out)[-1]["step"] * cfg["batch_size"] / images
 
 
 def table() -> None:
-    print("| change | settings | minutes | seeds | val top-1 mean | spread (min-max) | epochs |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| change | base config | settings | minutes | seeds | val top-1 mean | spread (min-max) | epochs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for line in (ROOT / "summary.jsonl").read_text().splitlines():
         r = json.loads(line)
-        print(f"| {r['name']} | `{' '.join(r['settings']) or '(base)'}` | {r['minutes']:g} | {len(r['seeds'])} | "
+        print(f"| {r['name']} | `{r['config']}` | `{' '.join(r['settings']) or '(base)'}` | {r['minutes']:g} | {len(r['seeds'])} | "
               f"{100 * r['mean']:.2f}% | {100 * min(r['accs']):.2f}-{100 * max(r['accs']):.2f} | {r['epochs']:.2f} |")
 
 
@@ -45,7 +52,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("settings", nargs="*", help="key=value overrides")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     if args.table:
         return table()
     accs, epochs = [], []
@@ -53,12 +60,11 @@ def main() -> None:
         out = ROOT / f"{args.name}_s{seed}"
         cmd = [sys.executable, "-m", "convmixer", "train", "--config", args.config, "--data-dir", args.data_dir,
                "--time-limit", str(args.minutes), "--seed", str(seed), "--out", str(out), "--overwrite",
-               "--eval-every", "1000", "--tta-shift", "0", "--no-progress", *args.settings]
+               "--val-split", "5000", "--eval-every", "1000", "--tta-shift", "0", "--no-progress", *args.settings]
         t = time.time()
         subprocess.run(cmd, check=True)
         accs.append(json.loads((out / "summary.json").read_text())["final_val_top1"])
-        steps = read_metrics(out)[-1]["step"]
-        epochs.append(steps * read_config_file(out / "config.yaml")["batch_size"] / TRAIN_IMAGES)
+        epochs.append(epochs_run(out))
         print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {time.time() - t:.0f} s", flush=True)
     row = dict(name=args.name, settings=args.settings, minutes=args.minutes, seeds=args.seeds, accs=accs,
                mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
