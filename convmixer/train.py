@@ -329,8 +329,8 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
                    img_size=found["img_size"], crop_pct=cfg.crop_pct, model_name=cfg.model, dataset=cfg.dataset,
                    config=dataclasses.asdict(cfg))
     if cfg.translate >= found["img_size"] or cfg.res_start > found["img_size"]:
-        raise ConfigError(f"translate {cfg.translate} / res_start {cfg.res_start} must stay below the "
-                          f"{found['img_size']} px images: lower them")
+        raise ConfigError(f"translate {cfg.translate} must stay below the {found['img_size']} px images and "
+                          f"res_start {cfg.res_start} must not exceed them: lower them")
     model = ConvMixer(**margs)
     if cfg.stem_init == "whiten" and ckpt is None:
         _check_whiten(margs, source, len(train_data) * (info.img_size // margs["patch_size"]) ** 2)
