@@ -13,8 +13,9 @@ import time
 import torch
 import torch.nn as nn
 
-from .fastops import set_allocator_tuned
+from .fastops import set_allocator_tuned, trim_allocator
 from .model import VARIANTS, create_model, flops_per_image
+from .runtime import resident_mib
 
 
 def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):
@@ -107,21 +108,16 @@ def step_peak_mib(step, device) -> tuple[float, float] | None:
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
         return peak, peak - before
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trim_allocator()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status_mib("VmRSS")
+        before = resident_mib()
         step()
-        peak = _status_mib("VmHWM")
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
         return peak, peak - before
-    except (OSError, AttributeError, ValueError, StopIteration):
+    except (OSError, TypeError, ValueError, StopIteration):
         return None
-
-
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
 def _sync(device):

@@ -81,11 +81,8 @@ def set_allocator_tuned(enable: bool) -> None:
     """Switch the glibc setting on or off at run time (the benchmark compares both in one process).
     A no-op in a process where tune_allocator() was not applied, so that process stays on stock glibc
     (setting the options explicitly, even to their defaults, turns off glibc's dynamic mmap threshold)."""
-    if not _ALLOCATOR_TUNED:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _libc()
+    if not _ALLOCATOR_TUNED or libc is None:
         return
     for option, default in _GLIBC_DEFAULTS.items():
         libc.mallopt(option, (0 if option == -4 else 1 << 30) if enable else default)
@@ -101,14 +98,31 @@ def tune_allocator() -> bool:
         return False
     if any(k.startswith("MALLOC_") for k in os.environ) or "LD_PRELOAD" in os.environ:
         return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
         ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):
+    except AttributeError:  # no libc (None), or one without mallopt
         return False
     _ALLOCATOR_TUNED = ok
     return ok
+
+
+def trim_allocator() -> bool:
+    """Hand the memory glibc holds free back to the system now (malloc_trim), whatever tune_allocator
+    set: the benchmark does so before it measures each candidate's peak. False off glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except AttributeError:
+        return False
+
+
+def _libc():
+    """glibc, or None where there is none."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def flush_denormals() -> bool:
