@@ -28,9 +28,12 @@ TRAIN_SPLIT = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000, "
 
 
 def epochs_run(out: Path) -> float:
-    """Epochs the run trained: its optimizer steps x global batch over the training images left after validation."""
+    """Epochs the run trained: its optimizer steps x global batch over its training images (those left after
+    validation, or its seeded subset of them)."""
     cfg = read_config_file(out / "config.yaml")
     images = TRAIN_SPLIT[cfg["dataset"]] - int(cfg["val_split"])
+    if int(cfg.get("subset") or 0):
+        images = min(images, int(cfg["subset"]))
     return read_metrics(out)[-1]["step"] * cfg["batch_size"] / images
 
 
