@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .fastops import set_allocator_tuned, trim_allocator
 from .model import VARIANTS, create_model, flops_per_image
-from .runtime import resident_mib
+from .runtime import peak_resident_mib, resident_mib
 
 
 def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):
@@ -113,10 +113,9 @@ def step_peak_mib(step, device) -> tuple[float, float] | None:
             f.write("5")
         before = resident_mib()
         step()
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        peak = peak_resident_mib()
         return peak, peak - before
-    except (OSError, TypeError, ValueError, StopIteration):
+    except (OSError, TypeError):  # no /proc (None from the readers)
         return None
 
 

@@ -61,6 +61,15 @@ def resident_mib() -> float | None:
         return None
 
 
+def peak_resident_mib() -> float | None:
+    """This process's resident high-water mark (Linux VmHWM; writing 5 to /proc/self/clear_refs resets it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def tune_cpu() -> dict:
     """Make this process faster for eager CPU training (fastops explains both settings):
     glibc keeps freed memory instead of unmapping it (``CONVMIXER_NO_MALLOPT=1`` skips it), and

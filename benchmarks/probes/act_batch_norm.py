@@ -17,50 +17,33 @@ import time
 import torch
 import torch.nn.functional as F
 
-# activation -> (forward(x, approximate), backward(grad_out, x, approximate, out)): each gradient from the
-# input, written into ``out`` (the recomputed activation's buffer, free by then: no new allocation)
-_ACTS = {
-    torch.nn.GELU: (lambda x, a: F.gelu(x, approximate=a),
-                    lambda g, x, a, out: torch.ops.aten.gelu_backward.grad_input(g, x, approximate=a, grad_input=out)),
-    torch.nn.SiLU: (lambda x, a: F.silu(x), lambda g, x, a, out: torch.ops.aten.silu_backward.grad_input(g, x, grad_input=out)),
-    torch.nn.ReLU: (lambda x, a: F.relu(x),
-                    lambda g, x, a, out: torch.ops.aten.threshold_backward.grad_input(g, x, 0, grad_input=out)),
-}
+class _GeluBatchNorm(torch.autograd.Function):
+    """GELU then BatchNorm2d in training mode, keeping only GELU's input for the backward pass."""
 
-
-class _ActBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, approximate):
-        out, mean, invstd = torch.native_batch_norm(_ACTS[act][0](x, approximate), weight, bias,
-                                                    running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)  # not act(x): the backward recomputes it
-        ctx.eps, ctx.act, ctx.approximate = eps, act, approximate
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        out, mean, invstd = torch.native_batch_norm(F.gelu(x), weight, bias, running_mean, running_var, True,
+                                                    momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)  # not gelu(x): the backward recomputes it
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, mean, invstd = ctx.saved_tensors
-        forward, backward = _ACTS[ctx.act]
-        need = list(ctx.needs_input_grad[:3])
-        a = forward(x, ctx.approximate)
+        a = F.gelu(x)
         grad_a, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad, a, weight, None, None, mean, invstd, True, ctx.eps, need)
-        grad_x = backward(grad_a, x, ctx.approximate, a) if need[0] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+            grad, a, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        # GELU's gradient written into the recomputed activation's buffer, free by then
+        grad_x = torch.ops.aten.gelu_backward.grad_input(grad_a, x, grad_input=a)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def act_batch_norm(x: torch.Tensor, act: torch.nn.Module, norm: torch.nn.Module) -> torch.Tensor:
-    """``norm(act(x))``, as one op that saves a tensor fewer for the backward pass in a CPU training
-    step of nn.BatchNorm2d (momentum set, running statistics, affine) after GELU, SiLU or ReLU.
-    Anything else runs the modules."""
-    fusable = (x.device.type == "cpu" and torch.is_grad_enabled() and norm.training and type(norm) is torch.nn.BatchNorm2d
-               and type(act) in _ACTS and norm.affine and norm.track_running_stats and norm.momentum is not None
-               and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()))
-    if not fusable:
-        return norm(act(x))
+def act_batch_norm(x: torch.Tensor, act: torch.nn.GELU, norm: torch.nn.BatchNorm2d) -> torch.Tensor:
+    """``norm(act(x))`` in a training step, as the fused op (what nn.BatchNorm2d.forward does around it)."""
     norm.num_batches_tracked.add_(1)
-    return _ActBatchNorm.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.momentum,
-                               norm.eps, type(act), getattr(act, "approximate", "none"))
+    return _GeluBatchNorm.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.momentum,
+                                norm.eps)
 
 
 def median_ms(fn, repeats=9):
@@ -122,7 +105,7 @@ class FusedLayers(torch.nn.Sequential):
 def whole_step(fused: bool, tuned: bool, steps: int = 4):
     """One fresh process: peak resident memory and median seconds of a training step."""
     from convmixer import create_model, tune_cpu
-    from convmixer.model import ConvMixer
+    from convmixer.runtime import peak_resident_mib
     if tuned:
         tune_cpu()
     model = create_model("convmixer_256_8")
@@ -130,9 +113,7 @@ def whole_step(fused: bool, tuned: bool, steps: int = 4):
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if type(child) is torch.nn.Sequential and isinstance(child[-1], torch.nn.BatchNorm2d):
-                    fused_child = FusedLayers(*child)
-                    setattr(module, name, fused_child)
-    assert isinstance(model, ConvMixer)
+                    setattr(module, name, FusedLayers(*child))
     model = model.train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -144,8 +125,7 @@ def whole_step(fused: bool, tuned: bool, steps: int = 4):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print(f"{'fused' if fused else 'modules':<8} {'tuned' if tuned else 'stock':<7} {peak / 2 ** 20:>8.2f} GiB "
+    print(f"{'fused' if fused else 'modules':<8} {'tuned' if tuned else 'stock':<7} {peak_resident_mib() / 1024:>8.2f} GiB "
           f"{128 / statistics.median(times[1:]):>8.1f} img/s")
 
 
