@@ -6,6 +6,7 @@ doubling and then bisecting until the out-of-memory boundary is found.
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -27,8 +28,10 @@ def fits(build, batch: int, size: int, device, dtype) -> bool:
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        print(f"batch {batch}: fits", file=sys.stderr, flush=True)  # a run cut short still says how far it got
         return True
     except torch.OutOfMemoryError:
+        print(f"batch {batch}: out of memory", file=sys.stderr, flush=True)
         return False
     finally:
         del model
@@ -67,7 +70,10 @@ def main():
     except ImportError:
         pass
     start = time.time()
-    result = {name: largest(build, args.img_size, device, dtype, args.limit) for name, build in builds.items()}
+    result = {}
+    for name, build in builds.items():
+        print(name, file=sys.stderr, flush=True)
+        result[name] = largest(build, args.img_size, device, dtype, args.limit)
     report = dict(model=args.model, img_size=args.img_size, dtype=str(dtype), device=str(device),
                   gpu=torch.cuda.get_device_name() if device.type == "cuda" else None, limit=args.limit,
                   largest_training_batch=result, seconds=round(time.time() - start, 1))

@@ -29,7 +29,7 @@ def test_gpu_script_runs_every_step(tmp_path):
     run = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-2000:]
     codes = dict(line.split() for line in (out / "exit_codes.txt").read_text().splitlines())
-    assert set(codes) == {"cuda_tests", "bench_convmixer_256_8_8", "max_batch", "cifar10_script", "cifar10_paper"}
+    assert set(codes) == {"cuda_tests", "bench_convmixer_256_8_8", "profile", "max_batch", "cifar10_script", "cifar10_paper"}
     assert all(rc == "0" for rc in codes.values()), codes
     assert (out / "cifar10_script" / "metrics.jsonl").is_file() and (out / "cifar10_paper" / "summary.json").is_file()
     assert '"results"' in (out / "bench_convmixer_256_8_8.json").read_text()
