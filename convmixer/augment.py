@@ -7,7 +7,8 @@ the recipe's augmentation to a micro-batch at a time instead of image by image i
   as ``v2.RandAugment`` does per image; the images that drew the same (operation, sign) go through
   torchvision's own implementation of it as one sub-batch. Every operation works per image on a batch
   (AutoContrast, Equalize and Contrast use each image's own statistics), so each image gets what the
-  per-image transform would give it for the same draw (tests/test_augment.py).
+  per-image transform would give it for the same draw (tests/test_augment.py). The draws stay on
+  the CPU: on a GPU, a round is one gather, the operations on contiguous sub-batches, one gather back.
 - horizontal flips are one masked flip, translations one gather (reflecting at the border, as
   ``v2.RandomCrop(padding=N, padding_mode="reflect")``); random-resized crops, colour jitter and random erasing, off in
   most recipes, run torchvision's per-image transforms on the images that need them.
@@ -58,22 +59,38 @@ class BatchAugment:
         return torch.randint(len(self.ops), (n,)), torch.rand(n) <= 0.5
 
     def randaugment_round(self, images: torch.Tensor, draws=None) -> torch.Tensor:
+        """One round: the images are sorted by their (operation, sign) draw, each run of equal draws goes
+        through torchvision's operation as one sub-batch, and the results are put back in order. The
+        draws and the sort stay on the CPU and reach the batch's device in one copy, so a GPU batch
+        waits for the host once per round, not twice per operation (boolean masks on the device would)."""
         op_index, negative = draws if draws is not None else self.draw(len(images))
+        if len(images) == 0:
+            return images.clone()
         height, width = images.shape[-2:]
-        out = images.clone()
-        for k in op_index.unique().tolist():
-            name, (magnitudes_fn, signed) = self.ops[k]
-            magnitudes = magnitudes_fn(self.randaugment.num_magnitude_bins, height, width)
-            magnitude = 0.0 if magnitudes is None else float(magnitudes[self.randaugment.magnitude])
-            for sign in ((True, False) if signed and magnitude else (None,)):
-                pick = op_index == k if sign is None else (op_index == k) & (negative == sign)
-                if not pick.any():
-                    continue
-                pick = pick.to(images.device)
-                out[pick] = self.randaugment._apply_image_or_video_transform(
-                    images[pick], name, -magnitude if sign else magnitude,
-                    interpolation=self.randaugment.interpolation, fill=self.randaugment._fill)
-        return out
+        magnitudes, signed = [], []
+        for name, (magnitudes_fn, is_signed) in self.ops:
+            values = magnitudes_fn(self.randaugment.num_magnitude_bins, height, width)
+            magnitudes.append(0.0 if values is None else float(values[self.randaugment.magnitude]))
+            signed.append(bool(is_signed and magnitudes[-1]))
+        key = op_index.long() * 2 + (negative.bool() & torch.tensor(signed)[op_index]).long()
+        order = torch.argsort(key, stable=True)
+        moves = _to_device(torch.stack([order, torch.argsort(order)]), images.device)  # gather, then undo it
+        sorted_images, parts, start = images[moves[0]], [], 0
+        for k, count in enumerate(torch.bincount(key, minlength=2 * len(self.ops)).tolist()):
+            if count:
+                name, magnitude = self.ops[k // 2][0], magnitudes[k // 2]
+                parts.append(self.randaugment._apply_image_or_video_transform(
+                    sorted_images[start:start + count], name, -magnitude if k % 2 else magnitude,
+                    interpolation=self.randaugment.interpolation, fill=self.randaugment._fill))
+                start += count
+        return torch.cat(parts)[moves[1]]
+
+
+def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without making the host wait for the device's queue."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:

@@ -619,6 +619,7 @@ def finish(run: Run, time_up: bool) -> dict:
                    epochs=cfg.epochs, epochs_run=lines[-1]["epoch"] if lines else 0, time_limit_reached=time_up,
                    best_val_top1=run.best["val_top1"], best_epoch=run.best["epoch"],
                    final_val_top1=lines[-1].get("val_top1") if lines else None,
+                   **({"final_val_top1_ema": lines[-1].get("val_top1_ema") if lines else None} if run.ema else {}),
                    train_seconds=lines[-1].get("elapsed_seconds") if lines else None,
                    weights=str(out / "model.safetensors"), checkpoint=str(out / "last.pt"))
     write_summary(out / "summary.json", summary)

@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_intermixed_args()
     if args.table:
         return table()
-    accs, epochs = [], []
+    accs, raw, epochs = [], [], []
     for seed in args.seeds:
         out = ROOT / f"{args.name}_s{seed}"
         cmd = [sys.executable, "-m", "convmixer", "train", "--config", args.config, "--data-dir", args.data_dir,
@@ -66,12 +66,16 @@ def main() -> None:
                "--val-split", "5000", "--eval-every", "1000", "--tta-shift", "0", "--no-progress", *args.settings]
         t = time.time()
         subprocess.run(cmd, check=True)
-        accs.append(json.loads((out / "summary.json").read_text())["final_val_top1"])
+        summary = json.loads((out / "summary.json").read_text())
+        # with ema_decay, the averaged weights are the run's model.safetensors: score those
+        accs.append(summary.get("final_val_top1_ema") or summary["final_val_top1"])
+        raw.append(summary["final_val_top1"])
         epochs.append(epochs_run(out))
         print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {time.time() - t:.0f} s", flush=True)
     row = dict(name=args.name, settings=args.settings, minutes=args.minutes, seeds=args.seeds, accs=accs,
                mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
-               machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"))
+               machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
+               **({"accs_without_ema": raw} if raw != accs else {}))
     ROOT.mkdir(parents=True, exist_ok=True)
     with open(ROOT / "summary.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
