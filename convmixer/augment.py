@@ -25,8 +25,10 @@ class BatchAugment:
     """``cfg``'s augmentation (a TrainConfig) for uint8 batches N x C x H x W, returning normalised
     float batches of ``img_size``."""
 
-    def __init__(self, cfg, img_size: int, mean, std):
+    def __init__(self, cfg, img_size: int, mean, std, num_images: int = 0):
         self.cfg, self.img_size = cfg, img_size
+        # hflip_alternate: image i is mirrored in the epochs whose parity differs from its seeded bit
+        self.flip_parity = torch.rand(num_images, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.randaugment = v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m)
         self.ops = list(self.randaugment._AUGMENTATION_SPACE.items())
@@ -34,12 +36,16 @@ class BatchAugment:
         self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
         self.erasing = v2.RandomErasing(1.0, value="random") if cfg.random_erasing else None
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+        """``index``: the images' positions in the data set (CPU), which hflip_alternate needs with ``epoch``."""
         cfg = self.cfg
         if cfg.scale_min < 1 or images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             images = torch.stack([self.crop(img) for img in images])
         if cfg.hflip > 0:
-            flip = (torch.rand(len(images)) < cfg.hflip).to(images.device)
+            if cfg.hflip_alternate and index is not None:
+                flip = to_device(self.flip_parity[index] ^ bool(epoch % 2), images.device)
+            else:
+                flip = (torch.rand(len(images)) < cfg.hflip).to(images.device)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         if cfg.translate:
             images = translate(images, torch.randint(-cfg.translate, cfg.translate + 1, (len(images), 2)))
@@ -74,7 +80,7 @@ class BatchAugment:
             signed.append(bool(is_signed and magnitudes[-1]))
         key = op_index.long() * 2 + (negative.bool() & torch.tensor(signed)[op_index]).long()
         order = torch.argsort(key, stable=True)
-        moves = _to_device(torch.stack([order, torch.argsort(order)]), images.device)  # gather, then undo it
+        moves = to_device(torch.stack([order, torch.argsort(order)]), images.device)  # gather, then undo it
         sorted_images, parts, start = images[moves[0]], [], 0
         for k, count in enumerate(torch.bincount(key, minlength=2 * len(self.ops)).tolist()):
             if count:
@@ -86,7 +92,7 @@ class BatchAugment:
         return torch.cat(parts)[moves[1]]
 
 
-def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small CPU tensor on ``device`` without making the host wait for the device's queue."""
     if device.type == "cuda":
         return index.pin_memory().to(device, non_blocking=True)

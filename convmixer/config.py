@@ -90,6 +90,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing in [0, 1)")
     scale_min: float = _f(1.0, "random-resized-crop scale range (scale_min, 1); 1 = no crop")
     hflip: float = _f(0.5, "probability of a horizontal flip")
+    hflip_alternate: bool = _f(False, "derandomised flips (decoded data sets): a seeded half of the images is "
+                                      "mirrored in odd epochs, the other half in even ones; needs hflip > 0")
     translate: int = _f(0, "random translation by up to N pixels, reflecting at the border; 0 = off")
     randaugment_n: int = _f(2, "RandAugment operations per image; 0 = off")
     randaugment_m: int = _f(12, "RandAugment magnitude, 0..30")
@@ -172,6 +174,8 @@ class TrainConfig:
         patch = self.patch_size or VARIANTS[self.model].patch_size
         if self.img_size is not None and patch > self.img_size:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
+        if self.hflip_alternate and not self.hflip:
+            raise ConfigError("hflip_alternate alternates the flips that hflip turns on, but hflip is 0: set hflip 0.5")
         if self.res_start and self.res_start < patch:
             raise ConfigError(f"res_start {self.res_start} is smaller than the patch size {patch}: raise res_start")
         return self

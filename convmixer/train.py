@@ -31,7 +31,7 @@ from .config import TrainConfig, check_resume
 from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image, load_dataset, split_train_val,
                    eval_transform, train_transform, worker_errors_in_one_line)
 from .errors import ConfigError, TrainingError
-from .augment import BatchAugment
+from .augment import BatchAugment, to_device
 from .evaluate import evaluate
 from .model import ConvMixer, model_kwargs, stats_for_channels, whiten_stem
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
@@ -493,7 +493,10 @@ def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torc
     if data.images is not None:
         if device.type == "cuda":
             data.images = data.images.to(device)
-        return BatchAugment(cfg, info.img_size, info.mean, info.std)
+        return BatchAugment(cfg, info.img_size, info.mean, info.std, len(data))
+    if cfg.hflip_alternate:
+        raise ConfigError("hflip_alternate needs a decoded data set (augmented by batches), but this image folder "
+                          "streams from disk: drop hflip_alternate")
     return TransformedImages(data, train_transform(cfg, info.img_size, info.mean, info.std), cfg.skip_bad_images)
 
 
@@ -520,7 +523,7 @@ def _augmented_batches(run: Run, batches: list[list[int]]):
     images, labels = run.train_data.images, run.train_data.labels
     for index in batches:
         pick = torch.tensor(index)
-        yield run.train_set(images[pick.to(images.device)]), labels[pick]
+        yield run.train_set(images[to_device(pick, images.device)], pick, run.epoch), labels[pick]
 
 
 def _progress_bar(run: Run):

@@ -82,3 +82,20 @@ def test_crops_jitter_and_erasing_keep_shape_and_range():
     aug = BatchAugment(cfg, 12, [0.5] * 3, [0.5] * 3)
     out = aug(_images(32, size=16))
     assert out.shape == (32, 3, 12, 12) and torch.isfinite(out).all()
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    cfg = TrainConfig(randaugment_n=0, hflip=0.5, hflip_alternate=True, seed=4)
+    aug = BatchAugment(cfg, 16, [0.0] * 3, [1.0] * 3, num_images=1000)
+    images = _images(1000)
+    index = torch.arange(1000).flip(0)  # any order: the flips follow the images, not their place in the batch
+    flipped = []
+    for epoch in range(3):
+        out = aug(images[index], index, epoch)
+        mirrored = (out == images[index].flip(-1).float() / 255).flatten(1).all(1)
+        assert (mirrored | (out == images[index].float() / 255).flatten(1).all(1)).all()
+        flipped.append(mirrored)
+    assert (flipped[0] ^ flipped[1]).all() and torch.equal(flipped[0], flipped[2])
+    assert 400 < int(flipped[0].sum()) < 600
+    again = BatchAugment(cfg, 16, [0.0] * 3, [1.0] * 3, num_images=1000)(images[index], index, 0)
+    assert torch.equal(again, aug(images[index], index, 0))  # seeded: a resumed run flips the same images

@@ -139,6 +139,7 @@ def test_a_run_with_the_fast_options_learns(tmp_path, fashion_dir):
     (dict(whiten_eps=0.0), "whiten_eps=0 is outside"),
     (dict(whiten_eps=1e-300), "whiten_eps=1e-300 is outside"),
     (dict(whiten_eps=float("inf")), "whiten_eps"),
+    (dict(hflip=0.0, hflip_alternate=True), "hflip is 0"),
 ])
 def test_bad_fast_options_are_refused(values, words):
     with pytest.raises(ConfigError, match=words):
