@@ -486,14 +486,23 @@ class TransformedImages(torch.utils.data.Dataset):
 
 def worker_errors_in_one_line(batches):
     """Batches from a DataLoader; a DataError raised in a worker process comes back with the worker's
-    whole traceback in its message, and is re-raised with the original one line."""
+    whole traceback in its message, and is re-raised with the original one line. However the batches
+    end (exhausted, an error, the consumer stopping early), the workers are shut down here and now: a
+    traceback held in a reference cycle would otherwise keep them alive until a garbage collection, and
+    since they ignore SIGTERM (train._leave_signals_to_the_trainer), an exiting process would wait for
+    them forever."""
+    iterator = iter(batches)
     try:
-        yield from batches
+        yield from iterator
     except DataError as e:
         lines = str(e).strip().splitlines()
         if len(lines) > 1 and "Original Traceback" in str(e):
             raise DataError(lines[-1].split(": ", 1)[-1]) from e
         raise
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # what torch's loader iterator runs when deleted
+        if shutdown is not None:
+            shutdown()
 
 
 def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0):

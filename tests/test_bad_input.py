@@ -214,6 +214,10 @@ def test_worker_errors_are_one_line(tmp_path, capsys):
                  "--workers", "1", "--batch-size", "8", "--dim", "8", "--depth", "1", "--patch-size", "2",
                  "--epochs", "1", "--progress", "false", "--out", str(tmp_path / "run"), "--val-split", "0"])
     one_line(capsys, code, "3.png")
+    # the workers are gone now, not at some garbage collection: they ignore SIGTERM, so a process
+    # exiting with one alive would wait for it forever
+    import multiprocessing
+    assert multiprocessing.active_children() == []
 
 
 def test_cache_on_and_off_give_the_same_batches(tmp_path):
