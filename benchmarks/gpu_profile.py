@@ -12,7 +12,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from convmixer.config import make_config
+from convmixer.config import make_config, parse_overrides
 from convmixer.train import train
 
 
@@ -28,7 +28,7 @@ def main():
         def run(name):
             cfg = make_config(args.config, dict(data_dir=args.data_dir, out=f"{tmp}/{name}", epochs=1,
                                                 subset=args.subset, progress=False,
-                                                **dict(kv.split("=", 1) for kv in args.set)))
+                                                **parse_overrides(args.set)))
             start = time.time()
             summary = train(cfg)
             return time.time() - start, summary

@@ -28,7 +28,9 @@ class BatchAugment:
     def __init__(self, cfg, img_size: int, mean, std, num_images: int = 0):
         self.cfg, self.img_size = cfg, img_size
         # hflip_alternate: image i is mirrored in the epochs whose parity differs from its seeded bit
-        self.flip_parity = torch.rand(num_images, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+        self.flip_parity = (torch.rand(num_images, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+                            if cfg.hflip_alternate else None)
+        self._magnitude_tables = {}  # (height, width) -> RandAugment's magnitude and signedness per operation
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.randaugment = v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m)
         self.ops = list(self.randaugment._AUGMENTATION_SPACE.items())
@@ -42,7 +44,7 @@ class BatchAugment:
         if cfg.scale_min < 1 or images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             images = torch.stack([self.crop(img) for img in images])
         if cfg.hflip > 0:
-            if cfg.hflip_alternate and index is not None:
+            if self.flip_parity is not None and index is not None:
                 flip = to_device(self.flip_parity[index] ^ bool(epoch % 2), images.device)
             else:
                 flip = (torch.rand(len(images)) < cfg.hflip).to(images.device)
@@ -72,13 +74,8 @@ class BatchAugment:
         op_index, negative = draws if draws is not None else self.draw(len(images))
         if len(images) == 0:
             return images.clone()
-        height, width = images.shape[-2:]
-        magnitudes, signed = [], []
-        for name, (magnitudes_fn, is_signed) in self.ops:
-            values = magnitudes_fn(self.randaugment.num_magnitude_bins, height, width)
-            magnitudes.append(0.0 if values is None else float(values[self.randaugment.magnitude]))
-            signed.append(bool(is_signed and magnitudes[-1]))
-        key = op_index.long() * 2 + (negative.bool() & torch.tensor(signed)[op_index]).long()
+        magnitudes, signed = self._magnitude_table(*images.shape[-2:])
+        key = op_index.long() * 2 + (negative.bool() & signed[op_index]).long()
         order = torch.argsort(key, stable=True)
         moves = to_device(torch.stack([order, torch.argsort(order)]), images.device)  # gather, then undo it
         sorted_images, parts, start = images[moves[0]], [], 0
@@ -90,6 +87,18 @@ class BatchAugment:
                     interpolation=self.randaugment.interpolation, fill=self.randaugment._fill))
                 start += count
         return torch.cat(parts)[moves[1]]
+
+    def _magnitude_table(self, height: int, width: int) -> tuple[list[float], torch.Tensor]:
+        """Each operation's magnitude at the configured level, and whether its sign is drawn (signed and
+        not zero), for images of this size: computed once per size, not every round."""
+        if (height, width) not in self._magnitude_tables:
+            magnitudes, signed = [], []
+            for name, (magnitudes_fn, is_signed) in self.ops:
+                values = magnitudes_fn(self.randaugment.num_magnitude_bins, height, width)
+                magnitudes.append(0.0 if values is None else float(values[self.randaugment.magnitude]))
+                signed.append(bool(is_signed and magnitudes[-1]))
+            self._magnitude_tables[(height, width)] = magnitudes, torch.tensor(signed)
+        return self._magnitude_tables[(height, width)]
 
 
 def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
