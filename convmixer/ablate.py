@@ -150,6 +150,6 @@ def add_parser(sub):
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="e.g. kernel_size=3,5,7,9 patch_size=1,2,4, or a switch name")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="fixed overrides for every cell")
-    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--out", default="runs/ablation", help="folder of the grid: one run per cell, results.md and results.png")
     p.add_argument("--full", action="store_true", help="the config's full budget instead of the reduced one")
     p.set_defaults(func=cmd_ablate)

@@ -291,17 +291,17 @@ def cmd_bench(args):
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="throughput of this project's path vs timm and plain PyTorch, side by side")
-    p.add_argument("--model", default="convmixer_256_8")
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--model", default="convmixer_256_8", help="a named variant (see `convmixer models`)")
+    p.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the variant's)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--infer-batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default=None)
+    p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per candidate (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--no-timm", action="store_true", help="leave timm out (it is a test-only dependency)")
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile'd candidates (ours and timm with our autocast and layout)")
     p.add_argument("--breakdown", action="store_true",
                    help="also the default path with each speed-up taken away in turn")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (machine, versions, every candidate)")
     p.set_defaults(func=cmd_bench)

@@ -267,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="parameters, FLOPs and a timed forward pass of a variant")
-    p.add_argument("model", nargs="?", default="convmixer_256_8")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("model", nargs="?", default="convmixer_256_8", help="a named variant (see `convmixer models`)")
+    p.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the variant's)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch of the timed forward pass")
     p.set_defaults(func=cmd_summary)
 
     from .config import CONFIG_DIR, RESUME_MUTABLE
@@ -285,25 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run of this checkpoint (<out>/last.pt) with its own settings and folder")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys as words, e.g. epochs=3 lr=0.01 (the same keys as the flags below)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--dataset", default=None, help="default: the one the checkpoint was trained on")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="where the data set lies (default: the training run's)")
     p.add_argument("--split", choices=("val", "test", "train"), default=None,
                    help="val: the run's seeded split of the training set; test: the test split (or <dir>/test)")
-    p.add_argument("--val-split", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--val-split", type=float, default=None,
+                   help="with --split val: images (or a fraction) carved from the training set (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: decode in this process)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--fp32", action="store_true", help="no bf16/fp16 autocast")
     p.add_argument("--tta-flip", action="store_true", help="average the predictions for each image and its mirror")
     p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
                    help="also average views shifted by +-PX pixels (with --tta-flip: 6 views)")
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out (and count) unreadable image files instead of stopping at the first")
     p.add_argument("--json", action="store_true", help="print a JSON object with top1, top5, n, loss")
     p.add_argument("--full", action="store_true", help="with --json: also per-class accuracy and confusion matrix")
     p.add_argument("--confusion-png", default=None, help="write the confusion matrix as a PNG")
@@ -311,16 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes for image files")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("embed", help="pooled features of image files (or folders) into one .safetensors/.npz file")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="embeddings.safetensors (files in its metadata) or embeddings.npz")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("cache", help="show (or --clear) the cache of decoded images and unpacked archives")

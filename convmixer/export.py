@@ -112,7 +112,8 @@ def add_parser(sub):
     p = sub.add_parser("export", help="ONNX (checked with onnxruntime), TorchScript or safetensors")
     from .run import CHECKPOINT_HELP
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default="onnx")
-    p.add_argument("--out", required=True)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default="onnx", help="file format")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size of the traced graph (default: the size the model was trained at)")
     p.set_defaults(func=cmd_export)

@@ -77,6 +77,17 @@ def test_help_explains_every_option(capsys):
         assert choices in text
 
 
+def test_every_subcommand_option_has_help():
+    import argparse
+
+    from convmixer.cli import build_parser
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "eval", "predict", "bench", "export", "viz", "ablate"} <= set(subparsers.choices)
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in subparsers.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert missing == [], f"arguments without a help text: {missing}"
+
+
 def test_true_false_options_and_unknown_flags(capsys):
     assert main(["train", "--tta-flip", "epochs=3", "--no-cache", "--progress", "false", "--print-config"]) == 0
     out = capsys.readouterr().out
