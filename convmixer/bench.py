@@ -152,11 +152,26 @@ def breakdown(model_name: str, device: torch.device) -> list[Candidate]:
     fast_dtype = amp_dtype("auto", device)
     return [
         Candidate("- allocator setting", lambda: create_model(model_name), amp=fast_dtype, channels_last=True),
-        Candidate("- fast depthwise bwd", lambda: create_model(model_name, fast=False), amp=fast_dtype,
+        Candidate("- fast depthwise bwd", lambda: _without_fast_depthwise(create_model(model_name)), amp=fast_dtype,
                   channels_last=True, allocator=True),
         Candidate("- bf16 (fp32)", lambda: create_model(model_name), channels_last=True, allocator=True),
         Candidate("- channels_last", lambda: create_model(model_name), amp=fast_dtype, allocator=True),
+        Candidate("- inference tiles+fusion", lambda: _without_inference_path(create_model(model_name)), amp=fast_dtype,
+                  channels_last=True, allocator=True),
     ]
+
+
+def _without_inference_path(model: nn.Module) -> nn.Module:
+    model.fast = False  # the model's own switch: the CPU inference path; the depthwise modules keep theirs
+    return model
+
+
+def _without_fast_depthwise(model: nn.Module) -> nn.Module:
+    from .model import DepthwiseConv2d
+    for module in model.modules():
+        if isinstance(module, DepthwiseConv2d):
+            module.fast = False  # plain nn.Conv2d; the model keeps its CPU inference path
+    return model
 
 
 def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, infer_batch_size=256,

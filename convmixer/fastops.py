@@ -15,6 +15,12 @@
    248 for a fresh one. Flushing them to zero (FTZ/DAZ) restores 225 img/s; values below 1.2e-38
    become 0, which no training step notices.
 
+4. ``inference_tile`` and ``conv_act``: CPU inference without gradients runs a large batch as tiles of
+   images whose activations stay cached between the memory-bound passes (GELU, BatchNorm, the residual
+   add), and runs each convolution with its activation as one oneDNN primitive in fp32, one pass fewer
+   per layer. Both are exact (BatchNorm in eval mode treats each image alone); BENCHMARKS.md has the
+   measurements.
+
 Importing this module changes nothing; ``runtime.tune_cpu()`` applies 2 and 3 (the ``convmixer``
 command does so for itself).
 """
@@ -25,6 +31,7 @@ import os
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -72,6 +79,45 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                         padding=weight.shape[-1] // 2, groups=weight.shape[0])
     return _DepthwiseConv2d.apply(x, weight, bias)
 
+
+
+# One activation of a tile of images: small enough to stay cached between the passes over it. On the 2-core
+# Xeon, ConvMixer-256/8 at 32 px inferred 516 img/s in tiles of 32 images (8 MiB) against 369 at batch 256
+# (benchmarks/probes/inference_passes.py).
+INFERENCE_TILE_BYTES = 4 << 20
+
+
+def inference_tile(activation_bytes_per_image: int) -> int:
+    """Images per forward pass in CPU inference for activations of this size (at least one)."""
+    return max(1, INFERENCE_TILE_BYTES // max(1, activation_bytes_per_image))
+
+
+_FUSED_ACTS = {nn.GELU: "gelu", nn.ReLU: "relu"}
+_FUSED_WORKS: bool | None = None  # whether this PyTorch build has the fused op; found on first use
+
+
+def conv_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(conv(x))`` for fp32 CPU inference, as one oneDNN convolution with the activation as its
+    post-op (the op inductor emits for the same fusion) where this PyTorch build has it; otherwise, and
+    for activations oneDNN does not fuse exactly (tanh-approximated GELU, SiLU), the two modules."""
+    global _FUSED_WORKS
+    name = _FUSED_ACTS.get(type(act))
+    padding = conv.padding
+    if padding == "same" and all(k % 2 for k in conv.kernel_size) and conv.dilation == (1, 1):
+        padding = tuple(k // 2 for k in conv.kernel_size)
+    if _FUSED_WORKS is False or name is None or getattr(act, "approximate", "none") != "none" \
+            or x.dtype != torch.float32 or conv.weight.dtype != torch.float32 or not isinstance(padding, tuple) \
+            or conv.padding_mode != "zeros" or torch.is_autocast_enabled("cpu"):
+        return act(conv(x))
+    try:
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+            name, [], "none" if name == "gelu" else None)
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):  # not in this build: stop trying
+        _FUSED_WORKS = False
+        return act(conv(x))
+    _FUSED_WORKS = True
+    return out
 
 _ALLOCATOR_TUNED = False
 _GLIBC_DEFAULTS = {-4: 65536, -1: 128 * 1024}  # M_MMAP_MAX, M_TRIM_THRESHOLD

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ModelError
-from .fastops import depthwise_conv2d
+from .fastops import conv_act, depthwise_conv2d, inference_tile
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 NORMS = {
@@ -119,6 +119,7 @@ class ConvMixer(nn.Module):
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dim
         self.grad_checkpointing = False
+        self.fast = fast  # also the exact CPU inference path (forward_features)
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
@@ -150,7 +151,9 @@ class ConvMixer(nn.Module):
         self.grad_checkpointing = enable
 
     def set_fast(self, enable: bool = True):
-        """Switch every depthwise convolution between the fast op and plain nn.Conv2d."""
+        """Switch the fast paths on or off: the depthwise backward (else plain nn.Conv2d) and the tiled,
+        fused CPU inference (else the modules one by one)."""
+        self.fast = enable
         for module in self.modules():
             if isinstance(module, DepthwiseConv2d):
                 module.fast = enable
@@ -211,9 +214,32 @@ class ConvMixer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self._cpu_inference(x):
+            itemsize = 2 if torch.is_autocast_enabled("cpu") else x.element_size()
+            tokens = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
+            tile = inference_tile(self.dim * tokens * itemsize)
+            return torch.cat([self._inference_features(t) for t in x.split(tile)]) if len(x) > tile \
+                else self._inference_features(x)
         x = self.stem(x)
         for block in self.blocks:
             x = self._run_block(block, x)
+        return x
+
+    def _cpu_inference(self, x: torch.Tensor) -> bool:
+        """Eval mode, no gradients, on a CPU, in eager mode: the exact fast path of fastops point 4."""
+        return (getattr(self, "fast", True) and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                         or torch.compiler.is_compiling()))
+
+    def _inference_features(self, x: torch.Tensor) -> torch.Tensor:
+        """forward_features for one tile of images, each convolution fused with its activation (fp32)."""
+        conv, act, norm = self.stem
+        x = norm(conv_act(conv, act, x))
+        for residual, pointwise, act, norm in self.blocks:
+            depthwise, dw_act, dw_norm = residual.fn
+            y = dw_norm(conv_act(depthwise, dw_act, x))
+            x = y + x if residual.enabled else y
+            x = norm(conv_act(pointwise, act, x))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -147,6 +147,37 @@ def test_grad_checkpointing_identical():
         torch.testing.assert_close(s, t, rtol=0, atol=0, msg=name)  # BN statistics updated once
 
 
+
+@pytest.mark.parametrize("kw", [dict(act_layer="gelu"), dict(act_layer="relu", kernel_size=4), dict(act_layer="silu"),
+                                dict(residual=False, patch_size=3), dict(norm_layer="layernorm")])
+def test_cpu_inference_tiles_and_fusion_match_plain(monkeypatch, kw):
+    from convmixer import fastops
+    args = dict(dim=24, depth=2, kernel_size=5, patch_size=2, num_classes=7) | kw
+    torch.manual_seed(0)
+    model = randomize_bn(ConvMixer(**args)).eval()
+    plain = ConvMixer(**args, fast=False).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(7, 3, 17, 16).contiguous(memory_format=torch.channels_last) * 3
+    per_image = 24 * (17 // args["patch_size"]) * (16 // args["patch_size"]) * 4
+    monkeypatch.setattr(fastops, "INFERENCE_TILE_BYTES", 3 * per_image)  # tiles of 3, 3 and 1 images
+    tiles = []
+    run_tile = model._inference_features
+    monkeypatch.setattr(model, "_inference_features", lambda t: tiles.append(len(t)) or run_tile(t))
+    with torch.no_grad():
+        expected = plain(x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert tiles == [3, 3, 1]
+        with torch.autocast("cpu", torch.bfloat16):  # autocast: tiles, and no fp32 fusion
+            torch.testing.assert_close(model(x).float(), plain(x).float(), rtol=0.05, atol=0.05)
+        model.train(), plain.train()  # training-mode BatchNorm uses batch statistics: never tiled
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert tiles == [3, 3, 1, 6, 1]  # tiles of 6 under autocast: 2-byte activations
+    with torch.enable_grad():
+        model.eval()(x).sum()
+    assert len(tiles) == 5
+    if kw.get("act_layer") == "gelu" and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        assert fastops._FUSED_WORKS  # this build runs conv+GELU as one oneDNN op
+
 def test_channels_last_same_output():
     model = randomize_bn(ConvMixer(dim=32, depth=2, kernel_size=5, patch_size=2, num_classes=5)).eval()
     x = torch.randn(2, 3, 24, 24)

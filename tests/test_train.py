@@ -289,7 +289,7 @@ def test_bench_command_reports_side_by_side(capsys):
     report = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in report["results"]]
     assert names[:2] == ["convmixer (default)", "timm eager fp32"] and names[3] == "plain PyTorch fp32"
-    assert names[2].startswith("timm ") and names[2].endswith(" channels_last") and len(names) == 8
+    assert names[2].startswith("timm ") and names[2].endswith(" channels_last") and len(names) == 9
     for r in report["results"]:
         assert r["train_images_per_second"] > 0 and r["infer_images_per_second"] > 0 and r["latency_ms"] > 0
         assert "train_ratio_vs_timm" in r
