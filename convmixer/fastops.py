@@ -82,8 +82,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 # One activation of a tile of images: small enough to stay cached between the passes over it. On the 2-core
-# Xeon, ConvMixer-256/8 at 32 px inferred 516 img/s in tiles of 32 images (8 MiB) against 369 at batch 256
-# (benchmarks/probes/inference_passes.py).
+# fp32 Xeon, ConvMixer-256/8 at 32 px inferred 527 img/s in tiles of 16 images (4 MiB; 593 with the fusion)
+# against 354 at batch 256; 768/32 at 224 px (3 MiB per image, tiles of one) lost nothing
+# (benchmarks/probes/inference_passes.py, BENCHMARKS.md).
 INFERENCE_TILE_BYTES = 4 << 20
 
 
