@@ -227,9 +227,10 @@ class ConvMixer(nn.Module):
 
     def _cpu_inference(self, x: torch.Tensor) -> bool:
         """Eval mode, no gradients, on a CPU, in eager mode: the exact fast path of fastops point 4."""
-        return (getattr(self, "fast", True) and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                         or torch.compiler.is_compiling()))
+        if not getattr(self, "fast", True) or self.training or torch.is_grad_enabled() or x.device.type != "cpu":
+            return False
+        return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                    or torch.compiler.is_compiling())
 
     def _inference_features(self, x: torch.Tensor) -> torch.Tensor:
         """forward_features for one tile of images, each convolution fused with its activation (fp32)."""
