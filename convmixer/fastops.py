@@ -83,14 +83,15 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 # One activation of a tile of images: small enough to stay cached between the passes over it. On the 2-core
 # fp32 Xeon, ConvMixer-256/8 at 32 px inferred 527 img/s in tiles of 16 images (4 MiB; 593 with the fusion)
-# against 354 at batch 256; 768/32 at 224 px (3 MiB per image, tiles of one) lost nothing
+# against 354 at batch 256; 768/32 and 1536/20 at 224 px (3 and 6 MiB per image, tiles of 4) lost nothing
 # (benchmarks/probes/inference_passes.py, BENCHMARKS.md).
 INFERENCE_TILE_BYTES = 4 << 20
 
 
 def inference_tile(activation_bytes_per_image: int) -> int:
-    """Images per forward pass in CPU inference for activations of this size (at least one)."""
-    return max(1, INFERENCE_TILE_BYTES // max(1, activation_bytes_per_image))
+    """Images per forward pass in CPU inference for activations of this size: at least 4, since for large
+    models (ConvMixer-1536/20 at 224 px: 6 MiB per image) single images ran 10% slower than fours."""
+    return max(4, INFERENCE_TILE_BYTES // max(1, activation_bytes_per_image))
 
 
 _FUSED_ACTS = {nn.GELU: "gelu", nn.ReLU: "relu"}

@@ -159,22 +159,23 @@ def test_cpu_inference_tiles_and_fusion_match_plain(monkeypatch, kw):
     plain.load_state_dict(model.state_dict())
     x = torch.randn(7, 3, 17, 16).contiguous(memory_format=torch.channels_last) * 3
     per_image = 24 * (17 // args["patch_size"]) * (16 // args["patch_size"]) * 4
-    monkeypatch.setattr(fastops, "INFERENCE_TILE_BYTES", 3 * per_image)  # tiles of 3, 3 and 1 images
+    assert fastops.inference_tile(10 ** 9) == 4 and fastops.inference_tile(1 << 18) == 16  # large models: fours
+    monkeypatch.setattr(fastops, "INFERENCE_TILE_BYTES", 5 * per_image)  # tiles of 5 and 2 images
     tiles = []
     run_tile = model._inference_features
     monkeypatch.setattr(model, "_inference_features", lambda t: tiles.append(len(t)) or run_tile(t))
     with torch.no_grad():
         expected = plain(x)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        assert tiles == [3, 3, 1]
+        assert tiles == [5, 2]
         with torch.autocast("cpu", torch.bfloat16):  # autocast: tiles, and no fp32 fusion
             torch.testing.assert_close(model(x).float(), plain(x).float(), rtol=0.05, atol=0.05)
         model.train(), plain.train()  # training-mode BatchNorm uses batch statistics: never tiled
         torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert tiles == [3, 3, 1, 6, 1]  # tiles of 6 under autocast: 2-byte activations
+    assert tiles == [5, 2, 7]  # one tile of 10 under autocast: 2-byte activations
     with torch.enable_grad():
         model.eval()(x).sum()
-    assert len(tiles) == 5
+    assert len(tiles) == 3
     if kw.get("act_layer") == "gelu" and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         assert fastops._FUSED_WORKS  # this build runs conv+GELU as one oneDNN op
 
