@@ -167,10 +167,7 @@ def _without_inference_path(model: nn.Module) -> nn.Module:
 
 
 def _without_fast_depthwise(model: nn.Module) -> nn.Module:
-    from .model import DepthwiseConv2d
-    for module in model.modules():
-        if isinstance(module, DepthwiseConv2d):
-            module.fast = False  # plain nn.Conv2d; the model keeps its CPU inference path
+    model.set_fast(False).fast = True  # plain nn.Conv2d for the depthwise layers; the inference path stays
     return model
 
 

@@ -80,7 +80,6 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _DepthwiseConv2d.apply(x, weight, bias)
 
 
-
 # One activation of a tile of images: small enough to stay cached between the passes over it. On the 2-core
 # fp32 Xeon, ConvMixer-256/8 at 32 px inferred 527 img/s in tiles of 16 images (4 MiB; 593 with the fusion)
 # against 354 at batch 256; 768/32 and 1536/20 at 224 px (3 and 6 MiB per image, tiles of 4) lost nothing
@@ -120,6 +119,7 @@ def conv_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return act(conv(x))
     _FUSED_WORKS = True
     return out
+
 
 _ALLOCATOR_TUNED = False
 _GLIBC_DEFAULTS = {-4: 65536, -1: 128 * 1024}  # M_MMAP_MAX, M_TRIM_THRESHOLD
