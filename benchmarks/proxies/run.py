@@ -1,12 +1,13 @@
 """Short proxy runs for time-to-accuracy decisions (issue 16): one recipe change, several seeds, a few
 minutes of wall-clock each, validated on the seeded 5,000-image split with the mirror only.
 
-    python benchmarks/proxies/run.py NAME [--minutes 5] [--seeds 0 1 2] [--config cifar10_90min] -- KEY=VALUE ...
+    python benchmarks/proxies/run.py NAME [--minutes 5 | --epochs N] [--seeds 0 1 2] [--config cifar10_90min] -- KEY=VALUE ...
 
 Each run is `convmixer train --config CONFIG --time-limit MINUTES --val-split 5000 ...` into
 results/proxies/NAME_s<seed>/; the summary (mean, spread) is appended to results/proxies/summary.jsonl
 and `--table` prints every recorded change as the Markdown table in RESULTS.md. Run one at a time on a
-quiet machine: the budget is wall-clock."""
+quiet machine: the budget is wall-clock. `--epochs N` fixes the schedule in epochs instead (no time limit), so
+that rows measured on machines of different speeds compare; its row records the mean wall-clock."""
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,16 @@ def table() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for line in (ROOT / "summary.jsonl").read_text().splitlines():
         r = json.loads(line)
-        print(f"| {r['name']} | `{r['config']}` | `{' '.join(r['settings']) or '(base)'}` | {r['minutes']:g} | {len(r['seeds'])} | "
+        minutes = f"{r['minutes']:g}" + (" (epochs fixed)" if r.get("fixed_epochs") else "")
+        print(f"| {r['name']} | `{r['config']}` | `{' '.join(r['settings']) or '(base)'}` | {minutes} | {len(r['seeds'])} | "
               f"{100 * r['mean']:.2f}% | {100 * min(r['accs']):.2f}-{100 * max(r['accs']):.2f} | {r['epochs']:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("name", nargs="?")
-    ap.add_argument("--minutes", type=float, default=5)
+    ap.add_argument("--minutes", type=float, default=5, help="wall-clock budget of each run")
+    ap.add_argument("--epochs", type=int, default=0, help="a fixed number of epochs instead of --minutes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--config", default="cifar10_90min")
     ap.add_argument("--data-dir", default="../shared/data")
@@ -58,11 +61,12 @@ def main() -> None:
     args = ap.parse_intermixed_args()
     if args.table:
         return table()
-    accs, raw, epochs = [], [], []
+    budget = ["--time-limit", "0", "--epochs", str(args.epochs)] if args.epochs else ["--time-limit", str(args.minutes)]
+    accs, raw, epochs, walls = [], [], [], []
     for seed in args.seeds:
         out = ROOT / f"{args.name}_s{seed}"
         cmd = [sys.executable, "-m", "convmixer", "train", "--config", args.config, "--data-dir", args.data_dir,
-               "--time-limit", str(args.minutes), "--seed", str(seed), "--out", str(out), "--overwrite",
+               *budget, "--seed", str(seed), "--out", str(out), "--overwrite",
                "--val-split", "5000", "--eval-every", "1000", "--tta-shift", "0", "--no-progress", *args.settings]
         t = time.time()
         subprocess.run(cmd, check=True)
@@ -71,8 +75,10 @@ def main() -> None:
         accs.append(summary.get("final_val_top1_ema") or summary["final_val_top1"])
         raw.append(summary["final_val_top1"])
         epochs.append(epochs_run(out))
-        print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {time.time() - t:.0f} s", flush=True)
-    row = dict(name=args.name, settings=args.settings, minutes=args.minutes, seeds=args.seeds, accs=accs,
+        walls.append(time.time() - t)
+        print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {walls[-1]:.0f} s", flush=True)
+    minutes = round(statistics.mean(walls) / 60, 1) if args.epochs else args.minutes
+    row = dict(name=args.name, settings=args.settings, minutes=minutes, **({"fixed_epochs": True} if args.epochs else {}), seeds=args.seeds, accs=accs,
                mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
                machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
                **({"accs_without_ema": raw} if raw != accs else {}))
