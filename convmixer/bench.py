@@ -167,7 +167,8 @@ def _without_inference_path(model: nn.Module) -> nn.Module:
 
 
 def _without_fast_depthwise(model: nn.Module) -> nn.Module:
-    model.set_fast(False).fast = True  # plain nn.Conv2d for the depthwise layers; the inference path stays
+    model.set_fast(False)  # plain nn.Conv2d for the depthwise layers ...
+    model.fast = True  # ... while the CPU inference path stays on
     return model
 
 

@@ -51,8 +51,9 @@ def table() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("name", nargs="?")
-    ap.add_argument("--minutes", type=float, default=5, help="wall-clock budget of each run")
-    ap.add_argument("--epochs", type=int, default=0, help="a fixed number of epochs instead of --minutes")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=5, help="wall-clock budget of each run")
+    budget.add_argument("--epochs", type=int, default=0, help="a fixed number of epochs instead of --minutes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--config", default="cifar10_90min")
     ap.add_argument("--data-dir", default="../shared/data")
@@ -78,8 +79,8 @@ def main() -> None:
         walls.append(time.time() - t)
         print(f"{args.name} seed {seed}: {100 * accs[-1]:.2f}% in {walls[-1]:.0f} s", flush=True)
     minutes = round(statistics.mean(walls) / 60, 1) if args.epochs else args.minutes
-    row = dict(name=args.name, settings=args.settings, minutes=minutes, **({"fixed_epochs": True} if args.epochs else {}), seeds=args.seeds, accs=accs,
-               mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
+    row = dict(name=args.name, settings=args.settings, minutes=minutes, **({"fixed_epochs": True} if args.epochs else {}),
+               seeds=args.seeds, accs=accs, mean=statistics.mean(accs), epochs=statistics.mean(epochs), config=args.config,
                machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
                **({"accs_without_ema": raw} if raw != accs else {}))
     ROOT.mkdir(parents=True, exist_ok=True)
