@@ -38,8 +38,10 @@ class BatchAugment:
         self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
         self.erasing = v2.RandomErasing(1.0, value="random") if cfg.random_erasing else None
 
-    def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
-        """``index``: the images' positions in the data set (CPU), which hflip_alternate needs with ``epoch``."""
+    def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None, epoch: int = 0,
+                 progress: float = 1.0) -> torch.Tensor:
+        """``index``: the images' positions in the data set (CPU), which hflip_alternate needs with ``epoch``;
+        ``progress``: the fraction of training done, which randaugment_from compares with."""
         cfg = self.cfg
         if cfg.scale_min < 1 or images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             images = torch.stack([self.crop(img) for img in images])
@@ -51,7 +53,7 @@ class BatchAugment:
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         if cfg.translate:
             images = translate(images, torch.randint(-cfg.translate, cfg.translate + 1, (len(images), 2)))
-        for _ in range(cfg.randaugment_n):
+        for _ in range(cfg.randaugment_n if progress >= cfg.randaugment_from else 0):
             images = self.randaugment_round(images)
         if self.jitter is not None:
             images = torch.stack([self.jitter(img) for img in images])

@@ -24,6 +24,7 @@ RANGES = {
     "warmup_epochs": (0, 100_000, False, False), "clip_grad": (0, 1e6, False, False),
     "label_smoothing": (0, 1, False, True), "scale_min": (0, 1, True, False), "hflip": (0, 1, False, False),
     "randaugment_n": (0, 14, False, False), "randaugment_m": (0, 30, False, False),
+    "randaugment_from": (0, 1, False, True),
     "color_jitter": (0, 10, False, False), "random_erasing": (0, 1, False, False), "mixup": (0, 100, False, False),
     "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
     "tta_shift": (0, 64, False, False), "translate": (0, 64, False, False), "res_start": (0, 4096, False, False),
@@ -95,6 +96,8 @@ class TrainConfig:
     translate: int = _f(0, "random translation by up to N pixels, reflecting at the border; 0 = off")
     randaugment_n: int = _f(2, "RandAugment operations per image; 0 = off")
     randaugment_m: int = _f(12, "RandAugment magnitude, 0..30")
+    randaugment_from: float = _f(0.0, "fraction of training (below 1) from which RandAugment applies, so that "
+                                      "augmentation strengthens late in a run (decoded data sets); 0 = throughout")
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength; 0 = off")
     random_erasing: float = _f(0.0, "probability of random erasing; 0 = off")
     mixup: float = _f(0.0, "mixup alpha; 0 = off")
@@ -176,6 +179,8 @@ class TrainConfig:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
         if self.hflip_alternate and not self.hflip:
             raise ConfigError("hflip_alternate alternates the flips that hflip turns on, but hflip is 0: set hflip 0.5")
+        if self.randaugment_from and not self.randaugment_n:
+            raise ConfigError("randaugment_from delays RandAugment, but randaugment_n is 0: set randaugment_n 2")
         if self.res_start and self.res_start < patch:
             raise ConfigError(f"res_start {self.res_start} is smaller than the patch size {patch}: raise res_start")
         return self

@@ -494,9 +494,10 @@ def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torc
         if device.type == "cuda":
             data.images = data.images.to(device)
         return BatchAugment(cfg, info.img_size, info.mean, info.std, len(data))
-    if cfg.hflip_alternate:
-        raise ConfigError("hflip_alternate needs a decoded data set (augmented by batches), but this image folder "
-                          "streams from disk: drop hflip_alternate")
+    for key, off in (("hflip_alternate", False), ("randaugment_from", 0.0)):
+        if getattr(cfg, key) != off:
+            raise ConfigError(f"{key} needs a decoded data set (augmented by batches), but this image folder "
+                              f"streams from disk: drop {key}")
     return TransformedImages(data, train_transform(cfg, info.img_size, info.mean, info.std), cfg.skip_bad_images)
 
 
@@ -523,7 +524,8 @@ def _augmented_batches(run: Run, batches: list[list[int]]):
     images, labels = run.train_data.images, run.train_data.labels
     for index in batches:
         pick = torch.tensor(index)
-        yield run.train_set(images[to_device(pick, images.device)], pick, run.epoch), labels[pick]
+        # made lazily, when train_step asks for the batch: progress is that of the step it feeds
+        yield run.train_set(images[to_device(pick, images.device)], pick, run.epoch, run.progress(run.spent)), labels[pick]
 
 
 def _progress_bar(run: Run):

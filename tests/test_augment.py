@@ -99,3 +99,14 @@ def test_alternating_flips_mirror_each_image_every_other_epoch():
     assert 400 < int(flipped[0].sum()) < 600
     again = BatchAugment(cfg, 16, [0.0] * 3, [1.0] * 3, num_images=1000)(images[index], index, 0)
     assert torch.equal(again, aug(images[index], index, 0))  # seeded: a resumed run flips the same images
+
+
+def test_randaugment_from_applies_it_only_late_in_training():
+    cfg = TrainConfig(randaugment_n=2, randaugment_m=12, randaugment_from=0.5, hflip=0.0)
+    aug = BatchAugment(cfg, 16, [0.0] * 3, [1.0] * 3)
+    images = _images()
+    plain = images.float() / 255
+    assert torch.equal(aug(images, progress=0.0), plain) and torch.equal(aug(images, progress=0.49), plain)
+    late = aug(images, progress=0.5)
+    changed = ~(late == plain).flatten(1).all(1)
+    assert int(changed.sum()) > len(images) // 2  # two rounds of 14 operations rarely leave an image as it was

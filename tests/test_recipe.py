@@ -140,6 +140,10 @@ def test_a_run_with_the_fast_options_learns(tmp_path, fashion_dir):
     (dict(whiten_eps=1e-300), "whiten_eps=1e-300 is outside"),
     (dict(whiten_eps=float("inf")), "whiten_eps"),
     (dict(hflip=0.0, hflip_alternate=True), "hflip is 0"),
+    (dict(randaugment_from=1.0), "randaugment_from=1 is outside"),
+    (dict(randaugment_n=0, randaugment_from=0.5), "randaugment_n is 0"),
+    (dict(randaugment_from=-0.1), "randaugment_from=-0.1 is outside"),
+    (dict(randaugment_from=float("nan")), "randaugment_from"),
 ])
 def test_bad_fast_options_are_refused(values, words):
     with pytest.raises(ConfigError, match=words):
@@ -150,6 +154,14 @@ def test_bad_fast_options_are_refused(values, words):
 def test_options_larger_than_the_images_are_refused(tmp_path, fashion_dir, values):
     with pytest.raises(ConfigError, match="must stay below the 28 px images"):
         train(tiny_config(tmp_path, fashion_dir, **values))
+
+
+@pytest.mark.parametrize("key, value", [("hflip_alternate", True), ("randaugment_from", 0.5)])
+def test_batch_only_options_on_a_streamed_folder_are_refused(tmp_path, folder_dir, key, value):
+    cfg = tiny_config(tmp_path, folder_dir, dataset="imagefolder", img_size=32, cache=False, hflip=0.5,
+                      randaugment_n=2, **{key: value})
+    with pytest.raises(ConfigError, match=f"{key} needs a decoded data set.*drop {key}"):
+        train(cfg)
 
 
 def test_whitening_a_stem_it_cannot_whiten_is_refused(tmp_path, fashion_dir):
