@@ -525,7 +525,8 @@ def _augmented_batches(run: Run, batches: list[list[int]]):
     for index in batches:
         pick = torch.tensor(index)
         # made lazily, when train_step asks for the batch: progress is that of the step it feeds
-        yield run.train_set(images[to_device(pick, images.device)], pick, run.epoch, run.progress(run.spent)), labels[pick]
+        progress = run.progress(run.spent)
+        yield run.train_set(images[to_device(pick, images.device)], pick, run.epoch, progress), labels[pick]
 
 
 def _progress_bar(run: Run):
