@@ -19,6 +19,7 @@ RANGES = {
     "patch_size": (1, 64, False, False), "img_size": (1, 4096, False, False), "val_split": (0, 1e8, False, False),
     "subset": (0, 10 ** 8, False, False), "workers": (0, 256, False, False), "epochs": (1, 100_000, False, False),
     "batch_size": (1, 2 ** 20, False, False), "accum_steps": (1, 4096, False, False), "lr": (0, 10, True, False),
+    "muon_lr": (0, 10, False, False), "muon_momentum": (0, 1, False, True),
     "weight_decay": (0, 10, False, False), "opt_eps": (0, 1, True, False), "peak_at": (0, 1, True, False),
     "knee_at": (0, 1, False, True), "knee_lr": (0, 1, False, False), "final_lr": (0, 1, False, False),
     "warmup_epochs": (0, 100_000, False, False), "clip_grad": (0, 1e6, False, False),
@@ -77,7 +78,10 @@ class TrainConfig:
     epochs: int = _f(25, "training epochs (with time_limit: the most epochs)")
     batch_size: int = _f(512, "global batch per optimizer step (all processes, all accumulation steps)")
     accum_steps: int = _f(1, "gradient accumulation: micro-batch = batch_size / (processes x accum_steps)")
+    optimizer: str = _f("adamw", "adamw | muon (Muon on the pointwise 1x1 convolutions, AdamW on the rest)")
     lr: float = _f(0.05, "peak learning rate (AdamW)")
+    muon_lr: float = _f(0.0, "optimizer=muon: Muon's peak learning rate (its updates have AdamW's RMS); 0 = lr")
+    muon_momentum: float = _f(0.95, "optimizer=muon: Muon's (Nesterov) momentum")
     weight_decay: float = _f(0.005, "AdamW decoupled weight decay (on weights; see decay_all)")
     decay_all: bool = _f(True, "weight decay on biases and norm parameters too (as the authors' CIFAR-10 script)")
     opt_eps: float = _f(1e-8, "AdamW epsilon")
@@ -152,7 +156,8 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}{hint}; `convmixer models` lists them")
         choices = {"dataset": DATASETS, "schedule": ("onecycle", "cosine", "constant"),
                    "amp": ("auto", "bf16", "fp16", "off"), "norm": ("batchnorm", "layernorm"),
-                   "activation": (None, "gelu", "relu", "silu"), "stem_init": ("default", "whiten")}
+                   "activation": (None, "gelu", "relu", "silu"), "stem_init": ("default", "whiten"),
+                   "optimizer": ("adamw", "muon")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(str, allowed))}")

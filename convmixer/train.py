@@ -34,6 +34,7 @@ from .errors import ConfigError, TrainingError
 from .augment import BatchAugment, to_device
 from .evaluate import evaluate
 from .model import ConvMixer, model_kwargs, stats_for_channels, whiten_stem
+from .muon import Muon, Optimizers
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
                   save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
@@ -135,7 +136,7 @@ class Run:
     model: ConvMixer                  # the bare model (what is saved)
     step_model: torch.nn.Module       # what the step calls: DDP and/or compiled around ``model``
     ema: torch.nn.Module | None
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | Optimizers  # Optimizers: Muon and AdamW (optimizer=muon)
     scaler: torch.amp.GradScaler
     train_data: ImageData
     val_data: ImageData
@@ -358,12 +359,7 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    # weight decay on weights only, unless decay_all (the authors' CIFAR-10 script decays every parameter)
-    decay = [p for p in model.parameters() if p.ndim > 1 or cfg.decay_all]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not cfg.decay_all]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.opt_eps,
-                                  foreach=True)
+    optimizer = make_optimizer(cfg, model)
     dtype = amp_dtype(cfg.amp, device)
     run = Run(cfg=cfg, info=info, rank=rank, world=world, device=device, dtype=dtype, model=model,
               step_model=step_model, ema=ema, optimizer=optimizer,
@@ -389,6 +385,24 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
             except ImportError:
                 print("tensorboard is not installed (pip install tensorboard); continuing without it")
     return run
+
+
+def make_optimizer(cfg: TrainConfig, model: ConvMixer):
+    """AdamW; or, with optimizer=muon, Muon on the pointwise (1x1) convolutions and AdamW on the rest. Weight
+    decay on weights only, unless decay_all (the authors' CIFAR-10 script decays every parameter)."""
+    muon = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+            and m.groups == 1] if cfg.optimizer == "muon" else []
+    rest = [p for p in model.parameters() if all(p is not q for q in muon)]
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.ndim > 1 or cfg.decay_all], "weight_decay": cfg.weight_decay},
+                               {"params": [p for p in rest if p.ndim <= 1 and not cfg.decay_all], "weight_decay": 0.0}],
+                              lr=cfg.lr, eps=cfg.opt_eps, foreach=True)
+    if not muon:
+        return adamw
+    scale = (cfg.muon_lr or cfg.lr) / cfg.lr
+    bf16 = amp_dtype(cfg.amp, muon[0].device) == torch.bfloat16  # hardware where bf16 matrix products are fast
+    return Optimizers(adamw, Muon([{"params": muon, "lr_scale": scale}], lr=cfg.lr * scale,
+                                  momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                                  ns_dtype=torch.bfloat16 if bf16 else torch.float32))
 
 
 # --- one optimizer step -------------------------------------------------------------------------------
@@ -418,7 +432,7 @@ def train_step(run: Run, micro_batches):
         run.pending_seen += len(labels) * run.world
     run.pending = sums if run.pending is None else run.pending + sums
     for group in run.optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_factor(progress, cfg)
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(progress, cfg)
     if cfg.clip_grad > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)

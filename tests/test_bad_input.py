@@ -44,6 +44,7 @@ def one_line(capsys, code, *words):
     ("epochs", "1e400"), ("seed", "1e30"), ("epochs", "1.5"), ("batch_size", str(2 ** 30)), ("dim", "200000"),
     ("img_size", "60000"), ("randaugment_m", "31"), ("val_split", "2.5"), ("lr", "11"), ("opt_eps", "0"),
     ("label_smoothing", "1"), ("warmup_epochs", "30"), ("workers", "-1"), ("depth", "100000"),
+    ("muon_momentum", "1"), ("muon_lr", "nan"), ("optimizer", "sgd"),
 ])
 def test_absurd_numbers(key, value, capsys):
     one_line(capsys, main(["train", f"{key}={value}"]), key)

@@ -68,17 +68,18 @@ def test_training_learns_and_writes_outputs(tmp_path, fashion_dir):
     assert summary["final_val_top1_ema"] == records[-1]["val_top1_ema"]
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_signal_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir, signame):
+@pytest.mark.parametrize("signame,optimizer", [("SIGINT", "adamw"), ("SIGTERM", "muon")])
+def test_signal_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir, signame, optimizer):
     """A real SIGINT/SIGTERM to a real training process: it checkpoints and exits 0; --resume then
-    ends with weights bitwise equal to an uninterrupted run (deterministic CPU, fp32)."""
+    ends with weights bitwise equal to an uninterrupted run (deterministic CPU, fp32), whichever the
+    optimizer (Muon's momentum is part of the checkpoint)."""
     import signal
     import time
     args = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "0",
             "--epochs", "6", "--batch-size", "32", "--dim", "16", "--depth", "2", "--kernel-size", "3",
             "--patch-size", "2", "--randaugment-n", "1", "--amp", "off", "--deterministic", "true",
             "--progress", "false", "--lr", "0.01", "--translate", "2", "--res-start", "16", "--res-until", "0.6",
-            "--stem-init", "whiten"]
+            "--stem-init", "whiten", "--optimizer", optimizer]
     full = _run_cli(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     out = tmp_path / "cut"
@@ -101,6 +102,37 @@ def test_signal_then_resume_equals_uninterrupted_bitwise(tmp_path, fashion_dir, 
         assert torch.equal(a[k], b[k]), k
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_muon_orthogonalizes_and_steps_only_the_pointwise_filters(tmp_path, fashion_dir):
+    from convmixer.model import create_model
+    from convmixer.muon import Muon, Optimizers, orthogonalize
+    from convmixer.train import make_optimizer
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(32, 32))
+    s = torch.logspace(-1, 1, 32)  # singular values over two decades
+    for g in (u[:, :32] @ torch.diag(s) @ v.T, (u[:, :32] @ torch.diag(s) @ v.T).T):
+        o = orthogonalize(g)
+        assert o.shape == g.shape
+        core = (u[:, :32].T @ o @ v) if o.shape[0] == 64 else (v.T @ o @ u[:, :32])
+        assert torch.allclose(core, torch.diag(torch.diagonal(core)), atol=0.05)  # same singular vectors
+        assert 0.5 < torch.diagonal(core).min() and torch.diagonal(core).max() < 1.3  # singular values near 1
+    model = create_model("convmixer_256_8", dim=16, depth=2, kernel_size=3, num_classes=10)
+    opt = make_optimizer(tiny_config(tmp_path, fashion_dir, optimizer="muon", muon_lr=0.02), model)
+    adamw, muon = opt.optimizers
+    pointwise = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert isinstance(muon, Muon) and [p for g in muon.param_groups for p in g["params"]] == pointwise
+    assert not any(p is q for g in adamw.param_groups for p in g["params"] for q in pointwise)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(2.0)  # muon_lr 0.02 over lr 0.01
+    before = [p.detach().clone() for p in pointwise]
+    model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, pointwise))
+    with pytest.raises(ValueError, match="optimizer= differs"):
+        opt.load_state_dict(adamw.state_dict())
+    assert isinstance(make_optimizer(tiny_config(tmp_path, fashion_dir), model), torch.optim.AdamW)
 
 
 def test_config_errors():
