@@ -81,11 +81,7 @@ class Optimizers:
     def param_groups(self) -> list[dict]:
         return [g for o in self.optimizers for g in o.param_groups]
 
-    @property
-    def state(self):
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
-    def step(self, closure=None):
+    def step(self):
         for o in self.optimizers:
             o.step()
 

@@ -359,8 +359,8 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    optimizer = make_optimizer(cfg, model)
     dtype = amp_dtype(cfg.amp, device)
+    optimizer = make_optimizer(cfg, model, dtype)
     run = Run(cfg=cfg, info=info, rank=rank, world=world, device=device, dtype=dtype, model=model,
               step_model=step_model, ema=ema, optimizer=optimizer,
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -387,22 +387,23 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
     return run
 
 
-def make_optimizer(cfg: TrainConfig, model: ConvMixer):
-    """AdamW; or, with optimizer=muon, Muon on the pointwise (1x1) convolutions and AdamW on the rest. Weight
+def make_optimizer(cfg: TrainConfig, model: ConvMixer, dtype: torch.dtype | None = None):
+    """AdamW; or, with optimizer=muon, Muon on the pointwise (1x1) convolutions and AdamW on the rest (Muon's
+    matrix products in bf16 when the run's autocast ``dtype`` is bf16: hardware where they are fast). Weight
     decay on weights only, unless decay_all (the authors' CIFAR-10 script decays every parameter)."""
     muon = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
             and m.groups == 1] if cfg.optimizer == "muon" else []
-    rest = [p for p in model.parameters() if all(p is not q for q in muon)]
+    on_muon = {id(p) for p in muon}
+    rest = [p for p in model.parameters() if id(p) not in on_muon]
     adamw = torch.optim.AdamW([{"params": [p for p in rest if p.ndim > 1 or cfg.decay_all], "weight_decay": cfg.weight_decay},
                                {"params": [p for p in rest if p.ndim <= 1 and not cfg.decay_all], "weight_decay": 0.0}],
                               lr=cfg.lr, eps=cfg.opt_eps, foreach=True)
     if not muon:
         return adamw
     scale = (cfg.muon_lr or cfg.lr) / cfg.lr
-    bf16 = amp_dtype(cfg.amp, muon[0].device) == torch.bfloat16  # hardware where bf16 matrix products are fast
     return Optimizers(adamw, Muon([{"params": muon, "lr_scale": scale}], lr=cfg.lr * scale,
                                   momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                                  ns_dtype=torch.bfloat16 if bf16 else torch.float32))
+                                  ns_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32))
 
 
 # --- one optimizer step -------------------------------------------------------------------------------
