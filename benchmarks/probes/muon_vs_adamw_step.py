@@ -4,10 +4,10 @@
 
 The tenth session's 30-minute Muon run trained 28-32 px images about 20% slower than an AdamW run of the
 same config had on another machine, with the same speed at 16 px. This measures the whole optimizer step
-of the training loop (bf16 autocast where the CPU has it, channels_last, forward, backward, clipping at 1.0,
-the optimizer's step) for ConvMixer-256/8 k3 p2 (the cifar10_fast90 model), with optimizers built by
-``train.make_optimizer`` from the same config as a run; the two candidates alternate step by step, so a
-machine's drift hits both. Prints median ms a step and img/s for each, and Muon's time over AdamW's."""
+of the training loop (bf16 autocast where the CPU has it, channels_last, forward, backward, the config's
+clipping and label smoothing, the optimizer's step) for the cifar10_fast90 model (ConvMixer-256/8 k3 p2),
+with optimizers built by ``train.make_optimizer`` from that config (Muon) and from it with optimizer=adamw;
+the two candidates alternate step by step, so a machine's drift hits both. Prints median ms a step and img/s for each, and Muon's time over AdamW's."""
 import argparse
 import dataclasses
 import statistics
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import convmixer
-from convmixer.config import TrainConfig
+from convmixer.config import make_config
 from convmixer.runtime import amp_dtype
 from convmixer.train import make_optimizer
 
@@ -29,21 +29,21 @@ ap.add_argument("--batch-size", type=int, default=128, help="training batch")
 args = ap.parse_args()
 convmixer.tune_cpu()  # the allocator setting and subnormal flushing, as the convmixer command applies them
 
-base = TrainConfig(lr=0.03, weight_decay=0.005, clip_grad=1.0)
-dtype = amp_dtype("auto", torch.device("cpu"))
+run_cfg = make_config("cifar10_fast90")
+dtype = amp_dtype(run_cfg.amp, torch.device("cpu"))
 candidates = {}
-for name, cfg in (("adamw", base), ("muon", dataclasses.replace(base, optimizer="muon", muon_lr=0.06))):
+for name, cfg in (("adamw", dataclasses.replace(run_cfg, optimizer="adamw")), ("muon", run_cfg)):
     torch.manual_seed(0)
-    model = convmixer.create_model("convmixer_256_8", kernel_size=3).to(memory_format=torch.channels_last)
+    model = convmixer.create_model(cfg.model, **cfg.model_overrides()).to(memory_format=torch.channels_last)
     candidates[name] = (model, make_optimizer(cfg, model, dtype))
 
 
 def step(model, optimizer, x, y) -> float:
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
+        loss = F.cross_entropy(model(x).float(), y, label_smoothing=run_cfg.label_smoothing)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), run_cfg.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - t
