@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .fastops import set_allocator_tuned, trim_allocator
 from .model import VARIANTS, create_model, flops_per_image
-from .runtime import peak_resident_mib, resident_mib
+from .runtime import amp_dtype, peak_resident_mib, resident_mib
 
 
 def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):
@@ -125,7 +125,6 @@ def _sync(device):
 
 
 def candidates(model_name: str, device: torch.device, include_timm: bool = True) -> list[Candidate]:
-    from .runtime import amp_dtype
     v = VARIANTS[model_name]
     kwargs = dict(dim=v.dim, depth=v.depth, kernel_size=v.kernel_size, patch_size=v.patch_size,
                   num_classes=v.num_classes)
@@ -148,7 +147,6 @@ def candidates(model_name: str, device: torch.device, include_timm: bool = True)
 
 def breakdown(model_name: str, device: torch.device) -> list[Candidate]:
     """The default path with one speed-up taken away at a time: what each one is worth."""
-    from .runtime import amp_dtype
     fast_dtype = amp_dtype("auto", device)
     return [
         Candidate("- allocator setting", lambda: create_model(model_name), amp=fast_dtype, channels_last=True),
@@ -223,7 +221,9 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
     flop = flops_per_image(create_model(model_name), img_size, img_size)
     peaks = {}
     if device.type == "cpu":
-        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        peaks = {"fp32": matmul_peak(torch.float32)}
+        if amp_dtype("auto", device) == torch.bfloat16:  # without bf16 hardware its matmul is emulated: minutes
+            peaks["bf16"] = matmul_peak(torch.bfloat16)
     rows = []
     for c in cands:
         train_s, infer_s = statistics.median(c.train_times), statistics.median(c.infer_times)
