@@ -11,7 +11,6 @@ step and img/s of each, and B's time per image over A's. Batch-size comparisons 
 runs on one machine hours apart differed by 1.8x (2026-12-02), more than the change measured.
 ``muon_vs_adamw_step.txt`` is this probe's default (A = AdamW, B = the config's Muon) at batch 128."""
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -70,7 +69,7 @@ for size in args.sizes:
             seconds = step(*candidate, *batches[name])
             if i >= args.warmup:
                 times[name].append(seconds)
-    (a, b), (na, nb) = ((statistics.median(times[n]) for n in "AB"),
-                        (candidates[n][0].batch_size for n in "AB"))
+    a, b = (statistics.median(times[n]) for n in "AB")
+    na, nb = (candidates[n][0].batch_size for n in "AB")
     print(f"{size:4d}  {a * 1e3:9.1f}  {b * 1e3:9.1f}  {na / a:7.1f}  {nb / b:7.1f}  {(b / nb) / (a / na):19.3f}",
           flush=True)
