@@ -5,7 +5,8 @@ minutes of wall-clock each, validated on the seeded 5,000-image split with the m
 
 Each run is `convmixer train --config CONFIG --time-limit MINUTES --val-split 5000 ...` into
 results/proxies/NAME_s<seed>/; the summary (mean, spread) is appended to results/proxies/summary.jsonl
-and `--table` prints every recorded change as the Markdown table in RESULTS.md. Run one at a time on a
+and `--table` prints every recorded change as the Markdown table in RESULTS.md, with the decision on each
+from results/proxies/decisions.json (written by hand once the prose has argued it). Run one at a time on a
 quiet machine: the budget is wall-clock. `--epochs N` fixes the schedule in epochs instead (no time limit), so
 that rows measured on machines of different speeds compare; its row records the mean wall-clock."""
 from __future__ import annotations
@@ -39,13 +40,17 @@ def epochs_run(out: Path) -> float:
 
 
 def table() -> None:
-    print("| change | base config | settings | minutes | seeds | val top-1 mean | spread (min-max) | epochs |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    """The Markdown table of every recorded change, with the decision RESULTS.md's prose argues for each, as kept
+    by hand in decisions.json (name -> "kept", "not kept", "tie, not kept", "base", ...; "undecided" if absent)."""
+    decisions = json.loads((ROOT / "decisions.json").read_text())
+    print("| change | base config | settings | minutes | seeds | val top-1 mean | spread (min-max) | epochs | decision |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for line in (ROOT / "summary.jsonl").read_text().splitlines():
         r = json.loads(line)
         minutes = f"{r['minutes']:g}" + (" (epochs fixed)" if r.get("fixed_epochs") else "")
         print(f"| {r['name']} | `{r['config']}` | `{' '.join(r['settings']) or '(base)'}` | {minutes} | {len(r['seeds'])} | "
-              f"{100 * r['mean']:.2f}% | {100 * min(r['accs']):.2f}-{100 * max(r['accs']):.2f} | {r['epochs']:.2f} |")
+              f"{100 * r['mean']:.2f}% | {100 * min(r['accs']):.2f}-{100 * max(r['accs']):.2f} | {r['epochs']:.2f} | "
+              f"{decisions.get(r['name'], 'undecided')} |")
 
 
 def main() -> None:
