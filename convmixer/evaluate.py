@@ -16,14 +16,22 @@ def info_transform(info: RunInfo):
     return eval_transform(info.img_size, info.crop_pct, info.mean, info.std)
 
 
+def translate(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """The batch with its content moved dx pixels right and dy down, borders reflected (|dx|, |dy| < the sides)."""
+    s = max(abs(dx), abs(dy))
+    if s == 0:
+        return images
+    padded = F.pad(images, (s,) * 4, mode="reflect")
+    h, w = images.shape[-2:]
+    return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+
+
 def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torch.Tensor]:
     """The batch translated by (+shift, +shift) and (-shift, -shift) pixels, borders reflected."""
     if shift <= 0:
         return []
     shift = min(shift, images.shape[-1] - 1, images.shape[-2] - 1)
-    padded = F.pad(images, (shift,) * 4, mode="reflect")
-    h, w = images.shape[-2:]
-    views = [padded[..., :h, :w], padded[..., 2 * shift:, 2 * shift:]]
+    views = [translate(images, shift, shift), translate(images, -shift, -shift)]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return [v.contiguous(memory_format=fmt) for v in views]
 

@@ -11,11 +11,10 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 import convmixer
 from convmixer.data import eval_batches
-from convmixer.evaluate import info_transform, load_eval_data
+from convmixer.evaluate import info_transform, load_eval_data, translate
 from convmixer.run import load_model
 from convmixer.runtime import amp_dtype
 
@@ -31,13 +30,6 @@ SETS = {"1": [(0, 0)], "6 diagonal": [(0, 0), (s, s), (-s, -s)],
         "10 axis": [(0, 0), (s, 0), (-s, 0), (0, s), (0, -s)], "18 all": SHIFTS}
 
 
-def shifted(x, dx, dy):
-    """The batch with content moved by (dx, dy) pixels, reflecting at the border."""
-    h, w = x.shape[-2:]
-    p = F.pad(x, (s,) * 4, mode="reflect")
-    return p[..., s - dy:s - dy + h, s - dx:s - dx + w]
-
-
 @torch.no_grad()
 def view_logits(run):
     model, info = load_model(run)
@@ -50,7 +42,7 @@ def view_logits(run):
         labels.append(y)
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             for dx, dy in SHIFTS:
-                v = shifted(images, dx, dy)
+                v = translate(images, dx, dy)
                 for flip in (False, True):
                     x = (v.flip(-1) if flip else v).contiguous(memory_format=torch.channels_last)
                     out.setdefault((dx, dy, flip), []).append(model(x).float())
