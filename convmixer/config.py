@@ -29,7 +29,8 @@ RANGES = {
     "color_jitter": (0, 10, False, False), "random_erasing": (0, 1, False, False), "mixup": (0, 100, False, False),
     "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
     "tta_shift": (0, 64, False, False), "translate": (0, 64, False, False), "res_start": (0, 4096, False, False),
-    "res_until": (0, 1, True, True), "whiten_eps": (1e-6, 10, False, False), "seed": (0, 2 ** 32 - 1, False, False),
+    "res_until": (0, 1, True, True), "whiten_eps": (1e-6, 10, False, False),
+    "depthwise_identity": (0, 10, False, False), "depthwise_cov": (0, 64, False, False), "seed": (0, 2 ** 32 - 1, False, False),
     "save_every": (0, 100_000, False, False), "eval_every": (1, 100_000, False, False),
     "time_limit": (0, 10 ** 6, False, False), "sync_every": (0, 100_000, False, False),
 }
@@ -112,6 +113,11 @@ class TrainConfig:
     stem_init: str = _f("default", "patch-embedding initialisation: default | whiten (filters that whiten the "
                                    "training images' p x p patches, from their covariance)")
     whiten_eps: float = _f(5e-4, "stem_init=whiten: added to the patch covariance's eigenvalues")
+    depthwise_identity: float = _f(0.0, "added to the centre tap of every depthwise filter of a new model, so that "
+                                        "each layer starts near the identity (a dirac initialisation); 0 = off")
+    depthwise_cov: float = _f(0.0, "resample the depthwise filters of a new model with neighbouring taps correlated, "
+                                   "over a length scale that grows with depth to this many pixels at the last "
+                                   "layer; 0 = off (independent taps)")
     crop_pct: float = _f(1.0, "evaluation: resize to img_size / crop_pct, then centre-crop img_size")
     ema_decay: float = _f(0.0, "exponential moving average of the weights, in [0, 1); 0 = off")
     tta_flip: bool = _f(False, "evaluation averages each image and its mirror")

@@ -87,6 +87,37 @@ def whiten_stem(model: "ConvMixer", images: torch.Tensor, eps: float = 5e-4, see
         conv.bias.copy_(-weight @ mean)
 
 
+@torch.no_grad()
+def identity_depthwise(model: nn.Module, scale: float) -> None:
+    """Add ``scale`` to the tap of every depthwise filter that passes each position through unchanged (the
+    centre; for an even kernel the one "same" padding aligns with the output), so that with the default random
+    filters beside it each spatial-mixing layer starts close to ``scale`` times the identity, as fast CIFAR-10
+    training's dirac initialisation does for its convolutions."""
+    for module in model.modules():
+        if isinstance(module, DepthwiseConv2d):
+            centre = (module.kernel_size[0] - 1) // 2
+            module.weight[:, 0, centre, centre] += scale
+
+
+@torch.no_grad()
+def correlated_depthwise(model: nn.Module, scale: float, seed: int = 0) -> None:
+    """Resample every depthwise filter from a zero-mean Gaussian whose covariance between taps p and q is
+    exp(-|p - q|^2 / (2 s^2)), with s = ``scale`` * i / depth at layer i (1..depth): neighbouring taps move
+    together, the more so the deeper the layer, as the covariances of trained ConvMixer filters do (Trockman
+    et al., ICLR 2023; a closed form of the same kind, not theirs). Each tap keeps the variance of PyTorch's
+    default initialisation, 1 / (3 k^2); biases are kept."""
+    layers = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    generator = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(layers, start=1):
+        k = layer.kernel_size[0]
+        taps = torch.cartesian_prod(torch.arange(k), torch.arange(k)).double()
+        s = scale * i / len(layers)
+        cov = torch.exp(-torch.cdist(taps, taps) ** 2 / (2 * s * s)) + 1e-6 * torch.eye(k * k, dtype=torch.float64)
+        samples = torch.randn(layer.out_channels, k * k, generator=generator, dtype=torch.float64)
+        weight = samples @ torch.linalg.cholesky(cov).T / (3 * k * k) ** 0.5
+        layer.weight.copy_(weight.view_as(layer.weight))
+
+
 class ConvMixer(nn.Module):
     def __init__(
         self,

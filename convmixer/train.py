@@ -33,7 +33,7 @@ from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image
 from .errors import ConfigError, TrainingError
 from .augment import BatchAugment, to_device
 from .evaluate import evaluate
-from .model import ConvMixer, model_kwargs, stats_for_channels, whiten_stem
+from .model import ConvMixer, correlated_depthwise, identity_depthwise, model_kwargs, stats_for_channels, whiten_stem
 from .muon import Muon, Optimizers
 from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
                   save_run_weights, truncate_metrics, write_config, write_summary)
@@ -336,6 +336,8 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
     if cfg.stem_init == "whiten" and ckpt is None:
         _check_whiten(margs, source, len(train_data) * (info.img_size // margs["patch_size"]) ** 2)
         whiten_stem(model, _stem_sample(train_data, info, cfg), cfg.whiten_eps, cfg.seed)
+    if ckpt is None:
+        _init_depthwise(model, cfg, source)
     if source is not None:
         skipped = load_into(model, read_state_dict(source), strict=False, source=str(source))
         if rank == 0:
@@ -479,6 +481,19 @@ def _stem_sample(data: ImageData, info: RunInfo, cfg: TrainConfig, values: int =
         return transform(data.images[pick])
     images = TransformedImages(data, transform, cfg.skip_bad_images)
     return torch.stack([images[i][0] for i in pick.tolist()])
+
+
+def _init_depthwise(model: ConvMixer, cfg: TrainConfig, source) -> None:
+    """A new model's depthwise filters: correlated taps (depthwise_cov), then the identity added
+    (depthwise_identity); fine-tuned weights would overwrite both, so they are refused with them."""
+    for key in ("depthwise_cov", "depthwise_identity"):
+        if getattr(cfg, key) and source is not None:
+            raise ConfigError(f"{key} initialises a new model's depthwise filters, but {source} brings trained "
+                              f"weights: drop {key} or pretrained")
+    if cfg.depthwise_cov:
+        correlated_depthwise(model, cfg.depthwise_cov, cfg.seed)
+    if cfg.depthwise_identity:
+        identity_depthwise(model, cfg.depthwise_identity)
 
 
 def _check_whiten(margs: dict, source, patches: int) -> None:

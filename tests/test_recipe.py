@@ -1,4 +1,5 @@
-"""The fast-training options: translation, progressive resizing and the whitening stem."""
+"""The fast-training options: translation, progressive resizing, the whitening stem and the identity
+initialisation of the depthwise filters."""
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ import convmixer.train as training
 from convmixer.augment import BatchAugment, translate
 from convmixer.config import ConfigError, TrainConfig
 from convmixer.data import decode_folder, scan_folder, train_transform
-from convmixer.model import ConvMixer, whiten_stem
+from convmixer.model import ConvMixer, DepthwiseConv2d, correlated_depthwise, identity_depthwise, whiten_stem
 from convmixer.train import train, train_size
 from test_train import tiny_config
 
@@ -123,6 +124,79 @@ def test_whitened_stem_gives_centred_unit_variance_channels():
     assert torch.equal(again.stem[0].weight, model.stem[0].weight)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize("fast", [True, False])
+def test_identity_depthwise_filters_pass_each_position_through(kernel_size, fast):
+    model = ConvMixer(6, 2, kernel_size, 2, num_classes=3, fast=fast)
+    before = [m.weight.detach().clone() for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    identity_depthwise(model, 0.75)
+    layers = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    assert len(layers) == 2
+    x = torch.randn(4, 6, 7, 5, requires_grad=True)
+    for layer, weight in zip(layers, before):
+        added = layer.weight.detach() - weight
+        assert torch.count_nonzero(added) == 6  # one tap of each filter
+        with torch.no_grad():
+            layer.weight.copy_(added)
+            layer.bias.zero_()
+        torch.testing.assert_close(layer(x), 0.75 * x)  # the grad path (fast backward) and the plain one
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), 0.75 * x)
+
+
+def test_correlated_depthwise_filters_have_the_stated_covariance():
+    model = ConvMixer(20_000, 2, 3, 2, num_classes=3)
+    correlated_depthwise(model, 2.0, seed=4)
+    taps = torch.cartesian_prod(torch.arange(3), torch.arange(3)).double()
+    for i, layer in enumerate((m for m in model.modules() if isinstance(m, DepthwiseConv2d)), start=1):
+        w = layer.weight.detach().double().flatten(1)  # 20,000 filters x 9 taps
+        s = 2.0 * i / 2  # the length scale grows with depth: 1 px, then 2 px
+        target = torch.exp(-torch.cdist(taps, taps) ** 2 / (2 * s * s)) / 27  # default per-tap variance 1/(3 k^2)
+        torch.testing.assert_close(w.T @ w / len(w), target, atol=1.5e-3, rtol=0)
+        assert w.mean().abs() < 2e-3
+    again = ConvMixer(20_000, 2, 3, 2, num_classes=3)
+    correlated_depthwise(again, 2.0, seed=4)
+    assert torch.equal(again.blocks[1][0].fn[0].weight, model.blocks[1][0].fn[0].weight)
+    correlated_depthwise(again, 2.0, seed=5)
+    assert not torch.equal(again.blocks[1][0].fn[0].weight, model.blocks[1][0].fn[0].weight)
+    tiny = ConvMixer(20_000, 1, 5, 2, num_classes=3)
+    correlated_depthwise(tiny, 1e-3)  # a vanishing length scale: independent taps
+    w = tiny.blocks[0][0].fn[0].weight.detach().double().flatten(1)
+    torch.testing.assert_close(w.T @ w / len(w), torch.eye(25, dtype=torch.float64) / 75, atol=1e-3, rtol=0)
+
+
+def test_a_run_starts_its_depthwise_filters_at_the_identity(tmp_path, fashion_dir, monkeypatch):
+    scales = []
+
+    def add_and_record(model, scale):
+        plain = [m.weight.detach().clone() for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+        identity_depthwise(model, scale)
+        changed = [m.weight.detach() - w for m, w in zip(
+            [m for m in model.modules() if isinstance(m, DepthwiseConv2d)], plain)]
+        scales.append((scale, changed))
+    monkeypatch.setattr(training, "identity_depthwise", add_and_record)
+    summary = train(tiny_config(tmp_path, fashion_dir, epochs=4, depthwise_identity=0.5))
+    (scale, changed), = scales
+    assert scale == 0.5 and len(changed) == 2
+    for c in changed:  # 0.5 on the centre tap of each filter, nothing elsewhere
+        torch.testing.assert_close(c[:, 0, 1, 1], torch.full((c.shape[0],), 0.5))
+        assert torch.count_nonzero(c) == c.shape[0]
+    assert summary["best_val_top1"] > 0.5
+    train(tiny_config(tmp_path / "b", fashion_dir, epochs=1))
+    assert len(scales) == 1  # off by default
+    weights = tmp_path / "b" / "run" / "model.safetensors"
+    for key in ("depthwise_identity", "depthwise_cov"):
+        with pytest.raises(ConfigError, match=f"brings trained weights: drop {key} or pretrained"):
+            train(tiny_config(tmp_path / "c", fashion_dir, pretrained=str(weights), **{key: 1.0}))
+
+
+def test_a_run_correlates_its_depthwise_taps_from_its_seed(tmp_path, fashion_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "correlated_depthwise", lambda model, scale, seed: calls.append((scale, seed)))
+    train(tiny_config(tmp_path, fashion_dir, epochs=1, depthwise_cov=1.5, seed=7))
+    assert calls == [(1.5, 7)]
+
+
 def test_a_run_with_the_fast_options_learns(tmp_path, fashion_dir):
     summary = train(tiny_config(tmp_path, fashion_dir, epochs=4, translate=2, res_start=14, res_until=0.5,
                                 stem_init="whiten"))
@@ -139,6 +213,11 @@ def test_a_run_with_the_fast_options_learns(tmp_path, fashion_dir):
     (dict(whiten_eps=0.0), "whiten_eps=0 is outside"),
     (dict(whiten_eps=1e-300), "whiten_eps=1e-300 is outside"),
     (dict(whiten_eps=float("inf")), "whiten_eps"),
+    (dict(depthwise_identity=-0.5), "depthwise_identity=-0.5 is outside"),
+    (dict(depthwise_identity=11.0), "depthwise_identity=11 is outside"),
+    (dict(depthwise_identity=float("nan")), "depthwise_identity must be a finite number"),
+    (dict(depthwise_cov=-1.0), "depthwise_cov=-1 is outside"),
+    (dict(depthwise_cov=float("inf")), "depthwise_cov must be a finite number"),
     (dict(hflip=0.0, hflip_alternate=True), "hflip is 0"),
     (dict(randaugment_from=1.0), "randaugment_from=1 is outside"),
     (dict(randaugment_n=0, randaugment_from=0.5), "randaugment_n is 0"),
