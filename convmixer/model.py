@@ -87,16 +87,20 @@ def whiten_stem(model: "ConvMixer", images: torch.Tensor, eps: float = 5e-4, see
         conv.bias.copy_(-weight @ mean)
 
 
+def depthwise_layers(model: nn.Module) -> list[DepthwiseConv2d]:
+    """The model's depthwise convolutions, first layer first."""
+    return [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+
+
 @torch.no_grad()
 def identity_depthwise(model: nn.Module, scale: float) -> None:
     """Add ``scale`` to the tap of every depthwise filter that passes each position through unchanged (the
     centre; for an even kernel the one "same" padding aligns with the output), so that with the default random
     filters beside it each spatial-mixing layer starts close to ``scale`` times the identity, as fast CIFAR-10
     training's dirac initialisation does for its convolutions."""
-    for module in model.modules():
-        if isinstance(module, DepthwiseConv2d):
-            centre = (module.kernel_size[0] - 1) // 2
-            module.weight[:, 0, centre, centre] += scale
+    for layer in depthwise_layers(model):
+        centre = (layer.kernel_size[0] - 1) // 2
+        layer.weight[:, 0, centre, centre] += scale
 
 
 @torch.no_grad()
@@ -106,7 +110,7 @@ def correlated_depthwise(model: nn.Module, scale: float, seed: int = 0) -> None:
     together, the more so the deeper the layer, as the covariances of trained ConvMixer filters do (Trockman
     et al., ICLR 2023; a closed form of the same kind, not theirs). Each tap keeps the variance of PyTorch's
     default initialisation, 1 / (3 k^2); biases are kept."""
-    layers = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    layers = depthwise_layers(model)
     generator = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(layers, start=1):
         k = layer.kernel_size[0]
@@ -185,9 +189,8 @@ class ConvMixer(nn.Module):
         """Switch the fast paths on or off: the depthwise backward (else plain nn.Conv2d) and the tiled,
         fused CPU inference (else the modules one by one)."""
         self.fast = enable
-        for module in self.modules():
-            if isinstance(module, DepthwiseConv2d):
-                module.fast = enable
+        for layer in depthwise_layers(self):
+            layer.fast = enable
         return self
 
     def get_classifier(self) -> nn.Module:

@@ -487,19 +487,23 @@ def _init_depthwise(model: ConvMixer, cfg: TrainConfig, source) -> None:
     """A new model's depthwise filters: correlated taps (depthwise_cov), then the identity added
     (depthwise_identity); fine-tuned weights would overwrite both, so they are refused with them."""
     for key in ("depthwise_cov", "depthwise_identity"):
-        if getattr(cfg, key) and source is not None:
-            raise ConfigError(f"{key} initialises a new model's depthwise filters, but {source} brings trained "
-                              f"weights: drop {key} or pretrained")
+        if getattr(cfg, key):
+            _refuse_beside_pretrained(key, "depthwise filters", source)
     if cfg.depthwise_cov:
         correlated_depthwise(model, cfg.depthwise_cov, cfg.seed)
     if cfg.depthwise_identity:
         identity_depthwise(model, cfg.depthwise_identity)
 
 
-def _check_whiten(margs: dict, source, patches: int) -> None:
+def _refuse_beside_pretrained(key: str, part: str, source) -> None:
+    """An initialisation of a new model's ``part`` that the fine-tuned weights from ``source`` would overwrite."""
     if source is not None:
-        raise ConfigError(f"stem_init=whiten initialises a new model's patch embedding, but {source} brings "
-                          f"trained weights: drop stem_init or pretrained")
+        raise ConfigError(f"{key} initialises a new model's {part}, but {source} brings trained weights: "
+                          f"drop {key.split('=')[0]} or pretrained")
+
+
+def _check_whiten(margs: dict, source, patches: int) -> None:
+    _refuse_beside_pretrained("stem_init=whiten", "patch embedding", source)
     if margs["in_chans"] * margs["patch_size"] ** 2 < 2:
         raise ConfigError(f"stem_init=whiten needs patches of 2 or more values, but {margs['in_chans']} channel(s) "
                           f"x patch_size {margs['patch_size']}^2 make 1: use stem_init=default or a larger patch")

@@ -1,5 +1,5 @@
-"""The fast-training options: translation, progressive resizing, the whitening stem and the identity
-initialisation of the depthwise filters."""
+"""The fast-training options: translation, progressive resizing, the whitening stem and the two
+initialisations of the depthwise filters (identity, correlated taps)."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +10,7 @@ import convmixer.train as training
 from convmixer.augment import BatchAugment, translate
 from convmixer.config import ConfigError, TrainConfig
 from convmixer.data import decode_folder, scan_folder, train_transform
-from convmixer.model import ConvMixer, DepthwiseConv2d, correlated_depthwise, identity_depthwise, whiten_stem
+from convmixer.model import ConvMixer, correlated_depthwise, depthwise_layers, identity_depthwise, whiten_stem
 from convmixer.train import train, train_size
 from test_train import tiny_config
 
@@ -128,9 +128,9 @@ def test_whitened_stem_gives_centred_unit_variance_channels():
 @pytest.mark.parametrize("fast", [True, False])
 def test_identity_depthwise_filters_pass_each_position_through(kernel_size, fast):
     model = ConvMixer(6, 2, kernel_size, 2, num_classes=3, fast=fast)
-    before = [m.weight.detach().clone() for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    before = [m.weight.detach().clone() for m in depthwise_layers(model)]
     identity_depthwise(model, 0.75)
-    layers = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    layers = depthwise_layers(model)
     assert len(layers) == 2
     x = torch.randn(4, 6, 7, 5, requires_grad=True)
     for layer, weight in zip(layers, before):
@@ -148,7 +148,7 @@ def test_correlated_depthwise_filters_have_the_stated_covariance():
     model = ConvMixer(20_000, 2, 3, 2, num_classes=3)
     correlated_depthwise(model, 2.0, seed=4)
     taps = torch.cartesian_prod(torch.arange(3), torch.arange(3)).double()
-    for i, layer in enumerate((m for m in model.modules() if isinstance(m, DepthwiseConv2d)), start=1):
+    for i, layer in enumerate(depthwise_layers(model), start=1):
         w = layer.weight.detach().double().flatten(1)  # 20,000 filters x 9 taps
         s = 2.0 * i / 2  # the length scale grows with depth: 1 px, then 2 px
         target = torch.exp(-torch.cdist(taps, taps) ** 2 / (2 * s * s)) / 27  # default per-tap variance 1/(3 k^2)
@@ -169,10 +169,9 @@ def test_a_run_starts_its_depthwise_filters_at_the_identity(tmp_path, fashion_di
     scales = []
 
     def add_and_record(model, scale):
-        plain = [m.weight.detach().clone() for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+        plain = [m.weight.detach().clone() for m in depthwise_layers(model)]
         identity_depthwise(model, scale)
-        changed = [m.weight.detach() - w for m, w in zip(
-            [m for m in model.modules() if isinstance(m, DepthwiseConv2d)], plain)]
+        changed = [m.weight.detach() - w for m, w in zip(depthwise_layers(model), plain)]
         scales.append((scale, changed))
     monkeypatch.setattr(training, "identity_depthwise", add_and_record)
     summary = train(tiny_config(tmp_path, fashion_dir, epochs=4, depthwise_identity=0.5))
