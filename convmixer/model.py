@@ -41,7 +41,8 @@ class Residual(nn.Module):
 class DepthwiseConv2d(nn.Conv2d):
     """k x k depthwise convolution, padding "same". Same parameters as nn.Conv2d(groups=dim);
     the forward goes through :func:`convmixer.fastops.depthwise_conv2d`, whose backward is faster
-    than PyTorch's on CPUs (set ``fast=False`` for the plain op)."""
+    than PyTorch's on CPUs for kernels of 5 and more and in bf16 (smaller fp32 kernels take PyTorch's
+    own; set ``fast=False`` for the plain op everywhere)."""
 
     def __init__(self, dim: int, kernel_size: int, fast: bool = True):
         super().__init__(dim, dim, kernel_size, groups=dim, padding="same")

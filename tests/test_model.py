@@ -2,10 +2,12 @@
 import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 
 import convmixer
 from convmixer import ConvMixer, create_model
+from convmixer.fastops import _DepthwiseConv2d, depthwise_conv2d
 from convmixer.model import flops_per_image
 
 
@@ -130,6 +132,35 @@ def test_fast_depthwise_bf16_autocast_close_to_fp32():
     for r, p in zip(reference, model.parameters()):
         assert p.grad.dtype == torch.float32
         assert (p.grad - r).norm() / r.norm() < 0.1
+
+
+@pytest.mark.parametrize("kernel_size, bf16, per_plane", [(1, False, False), (3, False, False), (5, False, True),
+                                                           (9, False, True), (3, True, True), (5, True, True)])
+def test_depthwise_backward_routing(kernel_size, bf16, per_plane):
+    """fp32 kernels of 1 and 3 take PyTorch's own backward (oneDNN's is faster there); larger kernels, and bf16
+    at every size, take the per-plane form; both give PyTorch's gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.randn(6, 1, kernel_size, kernel_size, requires_grad=True), torch.randn(6, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        y = depthwise_conv2d(x, weight, bias)
+        reference = F.conv2d(x, weight, bias, padding="same", groups=6)
+    assert ("_DepthwiseConv2d" in type(y.grad_fn).__name__) == per_plane
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, weight, bias), grad)
+    expected = torch.autograd.grad(reference, (x, weight, bias), grad)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=2e-2 if bf16 else 1e-4, atol=5e-2 if bf16 else 1e-5)
+
+
+def test_per_plane_backward_exact_at_small_kernels():
+    """The per-plane form stays correct at the kernels fp32 now routes around it (bf16 still uses it there)."""
+    torch.manual_seed(0)
+    for k in (1, 3):
+        x = torch.randn(3, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(5, 1, k, k, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_DepthwiseConv2d.apply, (x, weight, bias))
 
 
 def test_grad_checkpointing_identical():
