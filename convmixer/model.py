@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ModelError
-from .fastops import conv_act, depthwise_conv2d, inference_tile
+from .fastops import conv_act, depthwise_conv2d, inference_tile, pointwise_conv2d
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 NORMS = {
@@ -53,6 +53,21 @@ class DepthwiseConv2d(nn.Conv2d):
             return depthwise_conv2d(x, self.weight, self.bias)
         return super().forward(x)
 
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 convolution, dim to dim. Same parameters as nn.Conv2d(dim, dim, 1); the forward goes through
+    :func:`convmixer.fastops.pointwise_conv2d`, a matrix product on fp32 channels_last CPU activations
+    whose backward is faster than oneDNN's 1x1 convolution's (``fast=False``: the plain op)."""
+
+    def __init__(self, dim: int, fast: bool = True):
+        super().__init__(dim, dim, kernel_size=1)
+        self.fast = fast
+
+    def forward(self, x):
+        if self.fast:
+            return pointwise_conv2d(x, self.weight, self.bias)
+        return super().forward(x)
 
 def _make_act(act_layer) -> nn.Module:
     if isinstance(act_layer, str):
@@ -169,7 +184,7 @@ class ConvMixer(nn.Module):
                     _make_act(act_layer),
                     norm(dim),
                 ), enabled=residual),
-                nn.Conv2d(dim, dim, kernel_size=1),
+                PointwiseConv2d(dim, fast=fast),
                 _make_act(act_layer),
                 norm(dim),
             )
@@ -187,11 +202,12 @@ class ConvMixer(nn.Module):
         self.grad_checkpointing = enable
 
     def set_fast(self, enable: bool = True):
-        """Switch the fast paths on or off: the depthwise backward (else plain nn.Conv2d) and the tiled,
-        fused CPU inference (else the modules one by one)."""
+        """Switch the fast paths on or off: the depthwise backward and the pointwise matrix product (else
+        plain nn.Conv2d) and the tiled, fused CPU inference (else the modules one by one)."""
         self.fast = enable
-        for layer in depthwise_layers(self):
-            layer.fast = enable
+        for layer in self.modules():
+            if isinstance(layer, (DepthwiseConv2d, PointwiseConv2d)):
+                layer.fast = enable
         return self
 
     def get_classifier(self) -> nn.Module:

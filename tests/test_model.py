@@ -7,7 +7,7 @@ from hypothesis import given, settings
 
 import convmixer
 from convmixer import ConvMixer, create_model
-from convmixer.fastops import _DepthwiseConv2d, depthwise_conv2d
+from convmixer.fastops import _DepthwiseConv2d, depthwise_conv2d, pointwise_conv2d
 from convmixer.model import flops_per_image
 
 
@@ -162,6 +162,39 @@ def test_per_plane_backward_exact_at_small_kernels():
         bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(_DepthwiseConv2d.apply, (x, weight, bias))
 
+
+
+@pytest.mark.parametrize("layout, bf16, as_linear", [("channels_last", False, True), ("contiguous", False, False),
+                                                     ("channels_last", True, False)])
+def test_pointwise_routing(layout, bf16, as_linear):
+    """fp32 channels_last CPU activations take the matrix product, channels-first and autocast the convolution;
+    outputs (in channels_last layout) and all three gradients are the convolution's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 5, 4)
+    x = (x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x).requires_grad_()
+    weight, bias = torch.randn(7, 6, 1, 1, requires_grad=True), torch.randn(7, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        y = pointwise_conv2d(x, weight, bias)
+        reference = F.conv2d(x, weight, bias)
+    assert ("Convolution" not in type(y.grad_fn).__name__) == as_linear
+    assert y.shape == reference.shape == (3, 7, 5, 4)
+    if as_linear:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, weight, bias), grad)
+    expected = torch.autograd.grad(reference, (x, weight, bias), grad)
+    torch.testing.assert_close(y, reference, rtol=2e-2 if bf16 else 1e-4, atol=5e-2 if bf16 else 1e-5)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=2e-2 if bf16 else 1e-4, atol=5e-2 if bf16 else 1e-5)
+
+
+def test_pointwise_module_keeps_conv_parameters():
+    """The pointwise layer is an nn.Conv2d(dim, dim, 1) to state dicts, Muon's grouping and export."""
+    model = ConvMixer(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3)
+    layer = model.blocks[0][1]
+    assert isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1) and layer.weight.shape == (8, 8, 1, 1)
+    assert "blocks.0.1.weight" in model.state_dict()
+    assert layer.fast and not model.set_fast(False).blocks[0][1].fast
 
 def test_grad_checkpointing_identical():
     torch.manual_seed(0)

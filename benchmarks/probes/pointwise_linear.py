@@ -1,0 +1,63 @@
+"""Probe (2026-12-05): ConvMixer's 1x1 (pointwise) convolution on channels_last CPU activations, as oneDNN's
+convolution (what nn.Conv2d runs) against F.linear on the (N*H*W, C) view of the same memory, forward and
+forward + backward, interleaved, medians of medians. Output, with a whole-step A/B: pointwise_linear.txt.
+
+    python benchmarks/probes/pointwise_linear.py"""
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import convmixer
+
+SHAPES = [(128, 224, 9, 9), (128, 256, 16, 16), (128, 256, 8, 8), (32, 768, 32, 32)]
+
+
+def median_ms(fn, repeats=7):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def as_linear(x, weight, bias):
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels_last memory is (N, H, W, C)
+    return F.linear(rows, weight.view(weight.shape[0], c), bias).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def main():
+    convmixer.tune_cpu()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms, channels_last fp32")
+    print(f"{'N x C x H x W':<16} {'conv fwd':>9} {'linear fwd':>10} {'conv f+b':>9} {'linear f+b':>10} {'max diff':>9}")
+    for n, c, h, w in SHAPES:
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
+        weight = torch.randn(c, c, 1, 1, requires_grad=True)
+        bias = torch.randn(c, requires_grad=True)
+        grad = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+        forms = {"conv": F.conv2d, "linear": as_linear}
+        diff = (forms["conv"](x, weight, bias) - forms["linear"](x, weight, bias)).abs().max().item()
+
+        def fwd(f):
+            with torch.no_grad():
+                forms[f](x, weight, bias)
+
+        def both(f):
+            x.grad = weight.grad = bias.grad = None
+            forms[f](x, weight, bias).backward(grad)
+        ms = {k: [] for k in ("cf", "lf", "cb", "lb")}
+        for _ in range(3):
+            ms["cf"].append(median_ms(lambda: fwd("conv")))
+            ms["lf"].append(median_ms(lambda: fwd("linear")))
+            ms["cb"].append(median_ms(lambda: both("conv")))
+            ms["lb"].append(median_ms(lambda: both("linear")))
+        cf, lf, cb, lb = (statistics.median(v) for v in ms.values())
+        print(f"{f'{n}x{c}x{h}x{w}':<16} {cf:>9.2f} {lf:>10.2f} {cb:>9.2f} {lb:>10.2f} {diff:>9.1e}")
+
+
+if __name__ == "__main__":
+    main()
