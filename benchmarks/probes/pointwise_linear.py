@@ -4,24 +4,20 @@ forward + backward, interleaved, medians of medians. Output, with a whole-step A
 
     python benchmarks/probes/pointwise_linear.py"""
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import convmixer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from depthwise_backward import median_ms  # noqa: E402  (benchmarks/, the same timing for both probes)
+
 SHAPES = [(128, 224, 9, 9), (128, 256, 16, 16), (128, 256, 8, 8), (32, 768, 32, 32)]
 
 
-def median_ms(fn, repeats=7):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def as_linear(x, weight, bias):
