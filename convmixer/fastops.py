@@ -94,7 +94,6 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _DepthwiseConv2d.apply(x, weight, bias)
 
 
-
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """1x1 convolution (ConvMixer's channel mixing). On fp32 channels_last CPU activations it runs as F.linear
     on the (N*H*W, C) view of the same memory: the same forward time as oneDNN's 1x1 convolution and a faster
@@ -108,6 +107,7 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last memory is (N, H, W, C)
     out = F.linear(rows, weight.view(weight.shape[0], c), bias)
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
 
 # One activation of a tile of images: small enough to stay cached between the passes over it. On the 2-core
 # fp32 Xeon, ConvMixer-256/8 at 32 px inferred 527 img/s in tiles of 16 images (4 MiB; 593 with the fusion)

@@ -54,7 +54,6 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-
 class PointwiseConv2d(nn.Conv2d):
     """1x1 convolution, dim to dim. Same parameters as nn.Conv2d(dim, dim, 1); the forward goes through
     :func:`convmixer.fastops.pointwise_conv2d`, a matrix product on fp32 channels_last CPU activations
@@ -68,6 +67,7 @@ class PointwiseConv2d(nn.Conv2d):
         if self.fast:
             return pointwise_conv2d(x, self.weight, self.bias)
         return super().forward(x)
+
 
 def _make_act(act_layer) -> nn.Module:
     if isinstance(act_layer, str):

@@ -163,7 +163,6 @@ def test_per_plane_backward_exact_at_small_kernels():
         assert torch.autograd.gradcheck(_DepthwiseConv2d.apply, (x, weight, bias))
 
 
-
 @pytest.mark.parametrize("layout, bf16, as_linear", [("channels_last", False, True), ("contiguous", False, False),
                                                      ("channels_last", True, False)])
 def test_pointwise_routing(layout, bf16, as_linear):
@@ -195,6 +194,7 @@ def test_pointwise_module_keeps_conv_parameters():
     assert isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1) and layer.weight.shape == (8, 8, 1, 1)
     assert "blocks.0.1.weight" in model.state_dict()
     assert layer.fast and not model.set_fast(False).blocks[0][1].fast
+
 
 def test_grad_checkpointing_identical():
     torch.manual_seed(0)

@@ -11,19 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import convmixer
+from convmixer.fastops import pointwise_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from depthwise_backward import median_ms  # noqa: E402  (benchmarks/, the same timing for both probes)
 
 SHAPES = [(128, 224, 9, 9), (128, 256, 16, 16), (128, 256, 8, 8), (32, 768, 32, 32)]
-
-
-
-
-def as_linear(x, weight, bias):
-    n, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels_last memory is (N, H, W, C)
-    return F.linear(rows, weight.view(weight.shape[0], c), bias).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def main():
@@ -35,7 +28,7 @@ def main():
         weight = torch.randn(c, c, 1, 1, requires_grad=True)
         bias = torch.randn(c, requires_grad=True)
         grad = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
-        forms = {"conv": F.conv2d, "linear": as_linear}
+        forms = {"conv": F.conv2d, "linear": pointwise_conv2d}  # the linear form: fp32 channels_last
         diff = (forms["conv"](x, weight, bias) - forms["linear"](x, weight, bias)).abs().max().item()
 
         def fwd(f):
