@@ -6,8 +6,8 @@
    convolution with the kernel flipped), and its weight gradient is twice as slow in bf16 as in
    fp32. The backward here computes the input gradient as that flipped forward convolution and
    the weight gradient as a per-plane depthwise convolution with the output gradient as the kernel.
-   For kernels of 1 and 3 in fp32 it is the other way round: oneDNN has a fast kernel for them
-   (weight gradient 3-13x faster than the per-plane form), so those take PyTorch's own op.
+   For kernels of 1 and 3 it is the other way round: oneDNN has a fast kernel for them, in fp32 and
+   in bf16 (whole layer 2.3-4x faster than the per-plane form), so those take PyTorch's own op.
    BENCHMARKS.md has the measurements.
 2. ``tune_allocator``: glibc hands every large activation back to the kernel (mmap/munmap) and
    pays page faults to get it again on the next step; keeping freed memory in the process halves
@@ -69,25 +69,25 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-# Odd kernels up to this size take PyTorch's own depthwise backward in fp32 on CPU: oneDNN's backward-weights
-# kernel is 3-13x faster than the per-plane form there (k3: 0.58 against 6.5 ms at 128x224x9x9, 7.5 against 27 at
-# 128x256x16x16), while from k5 up the per-plane form wins (k5 at 128x256x16x16: 32 against 41 ms; k7 and k9 too).
-# bf16 keeps the per-plane form at every size: oneDNN's bf16 depthwise backward was 1.7x slower than its fp32 one
-# on the AMX Xeon, and no bf16 CPU measured k3 since. benchmarks/depthwise_backward.txt, BENCHMARKS.md.
+# Odd kernels up to this size take PyTorch's own depthwise backward on CPU, in fp32 and in bf16: oneDNN's
+# small-kernel backward is faster than the per-plane form there (fp32 weight gradient k3: 0.58 against 6.5 ms at
+# 128x224x9x9, 7.5 against 27 at 128x256x16x16; bf16 whole layer k3 on a Zen 4: 1.4 against 5.6 ms, 9.6 against
+# 22.1), while from k5 up the per-plane form wins (fp32 k5 at 128x256x16x16: 32 against 41 ms; bf16 k5 and k9 3.8-4.5x).
+# benchmarks/depthwise_backward.txt, BENCHMARKS.md.
 ONEDNN_BACKWARD_MAX_KERNEL = 3
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Depthwise convolution, stride 1, padding "same" (odd kernels), with a faster backward on CPU.
     Falls back to F.conv2d for even kernels, for CUDA, where cuDNN's backward is already good, and for
-    fp32 kernels of 3 or less, where oneDNN's is (ONEDNN_BACKWARD_MAX_KERNEL)."""
+    kernels of 3 or less, where oneDNN's is (ONEDNN_BACKWARD_MAX_KERNEL)."""
     k = weight.shape[-1]
     if torch.jit.is_scripting() or torch.jit.is_tracing() or k % 2 == 0 or x.device.type != "cpu":
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
+    if k <= ONEDNN_BACKWARD_MAX_KERNEL:  # autocast, where on, casts as for any convolution
+        return F.conv2d(x, weight, bias, padding=k // 2, groups=weight.shape[0])
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))
-    if k <= ONEDNN_BACKWARD_MAX_KERNEL and x.dtype == torch.float32 == weight.dtype:
-        return F.conv2d(x, weight, bias, padding=k // 2, groups=weight.shape[0])
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
                         padding=weight.shape[-1] // 2, groups=weight.shape[0])
