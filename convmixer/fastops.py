@@ -82,15 +82,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Falls back to F.conv2d for even kernels, for CUDA, where cuDNN's backward is already good, and for
     kernels of 3 or less, where oneDNN's is (ONEDNN_BACKWARD_MAX_KERNEL)."""
     k = weight.shape[-1]
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or k % 2 == 0 or x.device.type != "cpu":
+    if (torch.jit.is_scripting() or torch.jit.is_tracing() or k % 2 == 0 or x.device.type != "cpu"
+            or k <= ONEDNN_BACKWARD_MAX_KERNEL):  # PyTorch's op; autocast, where on, casts as for any convolution
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
-    if k <= ONEDNN_BACKWARD_MAX_KERNEL:  # autocast, where on, casts as for any convolution
-        return F.conv2d(x, weight, bias, padding=k // 2, groups=weight.shape[0])
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                        padding=weight.shape[-1] // 2, groups=weight.shape[0])
+                        padding=k // 2, groups=weight.shape[0])
     return _DepthwiseConv2d.apply(x, weight, bias)
 
 
