@@ -3,9 +3,8 @@
     python benchmarks/probes/act_norm_region.py [--shapes 128x256x8x8 128x256x16x16] [--steps 20]
 
 A ConvMixer layer runs act -> BatchNorm twice (after the depthwise and after the pointwise convolution);
-in a bf16 step on a Zen 4 the pairs with their backward take about 40-45% of the step (CIFAR-10 and Fashion-MNIST
-configs), and exact GELU
-in bf16 is slower than in fp32. Each candidate here is forward + backward of norm(act(x)) in training
+in a bf16 step on a Zen 4 the pairs with their backward take about 40-45% of the step (the CIFAR-10 and
+Fashion-MNIST configs), and exact GELU in bf16 is slower than in fp32. Each candidate here is forward + backward of norm(act(x)) in training
 mode, on a bf16 channels_last tensor of the given shape under CPU autocast, timed alone (median of
 ``--steps``): eager exact GELU, eager tanh GELU, eager ReLU (the floor), and the same pairs as one
 torch.compile region (inductor fuses the activation into BatchNorm's passes, forward and backward).
