@@ -15,7 +15,7 @@ import torch
 
 import convmixer
 from convmixer.data import eval_batches, load_dataset, split_train_val
-from convmixer.evaluate import evaluate, info_transform, load_eval_data
+from convmixer.evaluate import evaluate, info_transform
 from convmixer.run import load_model
 from convmixer.runtime import amp_dtype
 
@@ -49,12 +49,11 @@ def recompute_bn(model, info, train, mirror: bool):
 for run in args.runs:
     model, info = load_model(run)
     model.eval().to(memory_format=torch.channels_last)
-    val, _, split = load_eval_data(info, data_dir=args.data_dir)
-    assert split.startswith("val"), f"{run}: no validation split"
     cfg = info.config
+    assert cfg.get("val_split"), f"{run}: no validation split"
     full = load_dataset(cfg["dataset"], args.data_dir or cfg["data_dir"], train=True, img_size=info.img_size,
                         download=False)
-    train = split_train_val(full, cfg["val_split"], seed=cfg.get("seed", 0))[0]
+    train, val = split_train_val(full, cfg["val_split"], seed=cfg.get("seed", 0))  # the run's own split
     train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:args.images])
     row = {"as trained": model, "recomputed": recompute_bn(model, info, train, mirror=False),
            "recomputed, mirrors too": recompute_bn(model, info, train, mirror=True)}
