@@ -174,18 +174,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
                   steps=10, warmup=3, device=None, include_timm=True, extra=(), with_breakdown=False,
                   with_compile=False) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model_name not in VARIANTS:
-        from .model import model_kwargs
-        model_kwargs(model_name)  # a one-line "unknown model ... did you mean" error
-    from .config import RANGES, check_range
-    check_range("--img-size", img_size, 1, RANGES["img_size"][1])
-    for name, value in (("--batch-size", batch_size), ("--infer-batch-size", infer_batch_size)):
-        check_range(name, value, 1, 65536)
-    check_range("--steps", steps, 1, 100_000)
-    check_range("--warmup", warmup, 0, 100_000)
-    img_size = img_size or VARIANTS[model_name].input_size
-    from .config import check_batch_bytes
-    check_batch_bytes(max(batch_size, infer_batch_size), 3, img_size)
+    img_size = _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmup)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cands = candidates(model_name, device, include_timm) + list(extra)
@@ -196,6 +185,43 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
                             allocator=c.allocator, compile=True) for c in list(cands[:3])]
     for c in cands:
         c.prepare(device)
+    peak_memory = _measure(cands, model_name, img_size, batch_size, infer_batch_size, steps, warmup, device)
+    set_allocator_tuned(True)
+    flop = flops_per_image(create_model(model_name), img_size, img_size)
+    peaks = {}
+    if device.type == "cpu":
+        peaks = {"fp32": matmul_peak(torch.float32)}
+        if amp_dtype("auto", device) == torch.bfloat16:  # without bf16 hardware its matmul is emulated: minutes
+            peaks["bf16"] = matmul_peak(torch.bfloat16)
+    rows = _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    return dict(model=model_name, img_size=img_size, batch_size=batch_size, infer_batch_size=infer_batch_size,
+                steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
+                gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
+                cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+                # per candidate: peak_memory_mb (resident on a CPU, allocated on a GPU) and step_memory_mb
+                process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=rows)
+
+
+def _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmup) -> int:
+    """One-line errors for bad benchmark settings; returns the image size (the variant's when not given)."""
+    if model_name not in VARIANTS:
+        from .model import model_kwargs
+        model_kwargs(model_name)  # a one-line "unknown model ... did you mean" error
+    from .config import RANGES, check_batch_bytes, check_range
+    check_range("--img-size", img_size, 1, RANGES["img_size"][1])
+    for name, value in (("--batch-size", batch_size), ("--infer-batch-size", infer_batch_size)):
+        check_range(name, value, 1, 65536)
+    check_range("--steps", steps, 1, 100_000)
+    check_range("--warmup", warmup, 0, 100_000)
+    img_size = img_size or VARIANTS[model_name].input_size
+    check_batch_bytes(max(batch_size, infer_batch_size), 3, img_size)
+    return img_size
+
+
+def _measure(cands, model_name, img_size, batch_size, infer_batch_size, steps, warmup, device) -> dict:
+    """Times every candidate's training step, batch inference and single-image latency, interleaved so that
+    each sees the same machine state (into its *_times lists); returns each one's peak memory of a step."""
     g = torch.Generator().manual_seed(0)
     num_classes = VARIANTS[model_name].num_classes
     x_train = torch.randn(batch_size, 3, img_size, img_size, generator=g).to(device)
@@ -207,7 +233,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
             c.train_step(x_train, y_train, device)
             c.infer(x_infer, device)
             c.infer(x_one, device)
-    for _ in range(steps):  # interleaved: each candidate sees the same machine state
+    for _ in range(steps):
         for c in cands:
             c.train_times.append(c.train_step(x_train, y_train, device))
             c.infer_times.append(c.infer(x_infer, device))
@@ -217,13 +243,12 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
         peak = step_peak_mib(lambda: c.train_step(x_train, y_train, device), device)
         if peak is not None:
             peak_memory[c.name] = peak
-    set_allocator_tuned(True)
-    flop = flops_per_image(create_model(model_name), img_size, img_size)
-    peaks = {}
-    if device.type == "cpu":
-        peaks = {"fp32": matmul_peak(torch.float32)}
-        if amp_dtype("auto", device) == torch.bfloat16:  # without bf16 hardware its matmul is emulated: minutes
-            peaks["bf16"] = matmul_peak(torch.bfloat16)
+    return peak_memory
+
+
+def _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size) -> list[dict]:
+    """One result row per candidate (medians, GFLOP/s, share of the matmul peak), with its ratio to timm's row
+    (or to the last row without timm)."""
     rows = []
     for c in cands:
         train_s, infer_s = statistics.median(c.train_times), statistics.median(c.infer_times)
@@ -245,16 +270,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
     for r in rows:
         r["train_ratio_vs_" + base["name"].split()[0]] = r["train_images_per_second"] / base["train_images_per_second"]
         r["infer_ratio_vs_" + base["name"].split()[0]] = r["infer_images_per_second"] / base["infer_images_per_second"]
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name()
-    else:
-        gpu = None
-    return dict(model=model_name, img_size=img_size, batch_size=batch_size, infer_batch_size=infer_batch_size,
-                steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
-                gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
-                cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
-                # per candidate: peak_memory_mb (resident on a CPU, allocated on a GPU) and step_memory_mb
-                process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=rows)
+    return rows
 
 
 def _cpu_name() -> str:

@@ -272,45 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="batch of the timed forward pass")
     p.set_defaults(func=cmd_summary)
 
-    from .config import CONFIG_DIR, RESUME_MUTABLE
-    shipped = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
-    p = sub.add_parser("train", help="train a model (default: the authors' CIFAR-10 recipe)",
-                       description="Train a ConvMixer. Settings come from --config (a YAML/TOML file or a "
-                                   f"shipped config name: {shipped}), then from --key value flags and key=value "
-                                   "words. A run owns its --out folder: a folder that holds a run is refused "
-                                   "unless --overwrite, and --resume continues the checkpoint's run in its own "
-                                   f"folder with its own settings (only {', '.join(RESUME_MUTABLE)} may change).")
-    p.add_argument("--config", default=None, help="YAML/TOML file or shipped config name")
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue the run of this checkpoint (<out>/last.pt) with its own settings and folder")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config keys as words, e.g. epochs=3 lr=0.01 (the same keys as the flags below)")
-    _add_config_flags(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--dataset", default=None, help="default: the one the checkpoint was trained on")
-    p.add_argument("--data-dir", default=None, help="where the data set lies (default: the training run's)")
-    p.add_argument("--split", choices=("val", "test", "train"), default=None,
-                   help="val: the run's seeded split of the training set; test: the test split (or <dir>/test)")
-    p.add_argument("--val-split", type=float, default=None,
-                   help="with --split val: images (or a fraction) carved from the training set (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: decode in this process)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    p.add_argument("--fp32", action="store_true", help="no bf16/fp16 autocast")
-    p.add_argument("--tta-flip", action="store_true", help="average the predictions for each image and its mirror")
-    p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
-                   help="also average views shifted by +-PX pixels (with --tta-flip: 6 views)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out (and count) unreadable image files instead of stopping at the first")
-    p.add_argument("--json", action="store_true", help="print a JSON object with top1, top5, n, loss")
-    p.add_argument("--full", action="store_true", help="with --json: also per-class accuracy and confusion matrix")
-    p.add_argument("--confusion-png", default=None, help="write the confusion matrix as a PNG")
-    p.set_defaults(func=cmd_eval)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
 
     p = sub.add_parser("predict", help="top-k classes for image files")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -335,6 +298,51 @@ def build_parser() -> argparse.ArgumentParser:
         if module is not None:
             module.add_parser(sub)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from .config import CONFIG_DIR, RESUME_MUTABLE
+    shipped = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+    p = sub.add_parser("train", help="train a model (default: the authors' CIFAR-10 recipe)",
+                       description="Train a ConvMixer. Settings come from --config (a YAML/TOML file or a "
+                                   f"shipped config name: {shipped}), then from --key value flags and key=value "
+                                   "words. A run owns its --out folder: a folder that holds a run is refused "
+                                   "unless --overwrite, and --resume continues the checkpoint's run in its own "
+                                   f"folder with its own settings (only {', '.join(RESUME_MUTABLE)} may change).")
+    p.add_argument("--config", default=None, help="YAML/TOML file or shipped config name")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue the run of this checkpoint (<out>/last.pt) with its own settings and folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys as words, e.g. epochs=3 lr=0.01 (the same keys as the flags below)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval_parser(sub) -> None:
+    from .run import CHECKPOINT_HELP
+    p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--dataset", default=None, help="default: the one the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None, help="where the data set lies (default: the training run's)")
+    p.add_argument("--split", choices=("val", "test", "train"), default=None,
+                   help="val: the run's seeded split of the training set; test: the test split (or <dir>/test)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="with --split val: images (or a fraction) carved from the training set (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: decode in this process)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    p.add_argument("--fp32", action="store_true", help="no bf16/fp16 autocast")
+    p.add_argument("--tta-flip", action="store_true", help="average the predictions for each image and its mirror")
+    p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
+                   help="also average views shifted by +-PX pixels (with --tta-flip: 6 views)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out (and count) unreadable image files instead of stopping at the first")
+    p.add_argument("--json", action="store_true", help="print a JSON object with top1, top5, n, loss")
+    p.add_argument("--full", action="store_true", help="with --json: also per-class accuracy and confusion matrix")
+    p.add_argument("--confusion-png", default=None, help="write the confusion matrix as a PNG")
+    p.set_defaults(func=cmd_eval)
 
 
 def _optional_command(name):

@@ -302,13 +302,7 @@ def build_run(cfg: TrainConfig, ckpt: dict | None, out: Path, overwrite: bool) -
 
 
 def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _seed(cfg, device)
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 downloads, unpacks and caches first; the others then read its cache
     if ckpt is not None:  # a resumed run: the architecture and preprocessing it started with
@@ -318,6 +312,40 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
     train_data, val_data, found = prepare_data(cfg, like)
     if world > 1 and rank == 0:
         dist.barrier()
+    model, info = _make_model(cfg, found, arch, source, train_data, fresh=ckpt is None, rank=rank)
+    if world > 1:  # distinct augmentation draws per process (the weights are broadcast by DDP anyway)
+        torch.manual_seed(cfg.seed + 1000 * rank)
+        random.seed(cfg.seed + 1000 * rank)
+    model, step_model, ema = _place(cfg, model, device, world)
+    dtype = amp_dtype(cfg.amp, device)
+    run = Run(cfg=cfg, info=info, rank=rank, world=world, device=device, dtype=dtype, model=model,
+              step_model=step_model, ema=ema, optimizer=make_optimizer(cfg, model, dtype),
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              train_data=train_data, val_data=val_data,
+              train_set=_augmentation(cfg, train_data, info, device),
+              mixer=batch_mixer(cfg, len(info.classes)), out=out, folder=folder, started=time.time())
+    if ckpt is not None:
+        _restore(run, ckpt)
+    if rank == 0:
+        _open_logs(run, ckpt)
+    return run
+
+
+def _seed(cfg: TrainConfig, device: torch.device) -> None:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def _make_model(cfg: TrainConfig, found: dict, arch: dict, source: Path | None, train_data: ImageData,
+                fresh: bool, rank: int) -> tuple[ConvMixer, RunInfo]:
+    """The run's model, initialised (a ``fresh`` run: the stem whitened if stem_init says so, the depthwise
+    filters as the config says; then the weights of ``source`` to fine-tune from, if any), and the RunInfo that
+    describes it and its data."""
     if len(train_data) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images: "
                           f"lower batch_size")
@@ -333,19 +361,22 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
         raise ConfigError(f"translate {cfg.translate} must stay below the {found['img_size']} px images and "
                           f"res_start {cfg.res_start} must not exceed them: lower them")
     model = ConvMixer(**margs)
-    if cfg.stem_init == "whiten" and ckpt is None:
+    if cfg.stem_init == "whiten" and fresh:
         _check_whiten(margs, source, len(train_data) * (info.img_size // margs["patch_size"]) ** 2)
         whiten_stem(model, _stem_sample(train_data, info, cfg), cfg.whiten_eps, cfg.seed)
-    if ckpt is None:
+    if fresh:
         _init_depthwise(model, cfg, source)
     if source is not None:
         skipped = load_into(model, read_state_dict(source), strict=False, source=str(source))
         if rank == 0:
             print(f"fine-tuning from {source}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))
-    if world > 1:  # distinct augmentation draws per process (the weights are broadcast by DDP anyway)
-        torch.manual_seed(cfg.seed + 1000 * rank)
-        random.seed(cfg.seed + 1000 * rank)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model, info
+
+
+def _place(cfg: TrainConfig, model: ConvMixer, device: torch.device, world: int):
+    """Moves the model to its device and layout; returns it (with SyncBatchNorm if asked), the module the
+    training step calls (DDP- and compile-wrapped as the config asks) and the EMA copy (None without ema_decay)."""
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -361,32 +392,31 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    dtype = amp_dtype(cfg.amp, device)
-    optimizer = make_optimizer(cfg, model, dtype)
-    run = Run(cfg=cfg, info=info, rank=rank, world=world, device=device, dtype=dtype, model=model,
-              step_model=step_model, ema=ema, optimizer=optimizer,
-              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              train_data=train_data, val_data=val_data,
-              train_set=_augmentation(cfg, train_data, info, device),
-              mixer=batch_mixer(cfg, len(info.classes)), out=out, folder=folder, started=time.time())
+    return model, step_model, ema
+
+
+def _restore(run: Run, ckpt: dict) -> None:
+    """Puts a resumed run back where its checkpoint left it, after checking the data is the run's own."""
+    info, margs = run.info, run.info.model_args
+    if list(ckpt["classes"]) != info.classes or ckpt["model_args"].get("in_chans") != margs["in_chans"]:
+        raise TrainingError(f"the data in {run.cfg.data_dir} has {len(info.classes)} classes ({', '.join(info.classes[:3])}"
+                            f"...) and {margs['in_chans']} channel(s), but this run trained on {len(ckpt['classes'])} "
+                            f"({', '.join(map(str, ckpt['classes'][:3]))}...): resume with the run's own data")
+    run.restore(ckpt)
+    run.log(f"resumed from {run.out / 'last.pt'}: epoch {run.epoch + 1}, step {run.step}")
+
+
+def _open_logs(run: Run, ckpt: dict | None) -> None:
+    """Rank 0: the run's config.yaml, its metrics cut back to the checkpoint on resume, and TensorBoard."""
+    write_config(run.out / "config.yaml", dataclasses.asdict(run.cfg))
     if ckpt is not None:
-        if list(ckpt["classes"]) != info.classes or ckpt["model_args"].get("in_chans") != margs["in_chans"]:
-            raise TrainingError(f"the data in {cfg.data_dir} has {len(info.classes)} classes ({', '.join(info.classes[:3])}"
-                                f"...) and {margs['in_chans']} channel(s), but this run trained on {len(ckpt['classes'])} "
-                                f"({', '.join(map(str, ckpt['classes'][:3]))}...): resume with the run's own data")
-        run.restore(ckpt)
-        run.log(f"resumed from {out / 'last.pt'}: epoch {run.epoch + 1}, step {run.step}")
-    if rank == 0:
-        write_config(out / "config.yaml", dataclasses.asdict(cfg))
-        if ckpt is not None:
-            truncate_metrics(out / "metrics.jsonl", run.epoch, ckpt.get("record"))
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                run.writer = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed (pip install tensorboard); continuing without it")
-    return run
+        truncate_metrics(run.out / "metrics.jsonl", run.epoch, ckpt.get("record"))
+    if run.cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            run.writer = SummaryWriter(str(run.out / "tensorboard"))
+        except ImportError:
+            print("tensorboard is not installed (pip install tensorboard); continuing without it")
 
 
 def make_optimizer(cfg: TrainConfig, model: ConvMixer, dtype: torch.dtype | None = None):
