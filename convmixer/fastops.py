@@ -97,7 +97,8 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """1x1 convolution (ConvMixer's channel mixing). On fp32 channels_last CPU activations it runs as F.linear
     on the (N*H*W, C) view of the same memory: the same forward time as oneDNN's 1x1 convolution and a faster
     backward (forward + backward 20.6 against 33.3 ms at 128x224x9x9, 84 against 99 at 128x256x16x16,
-    benchmarks/probes/pointwise_linear.txt). Elsewhere, and when traced or scripted, it is F.conv2d."""
+    benchmarks/probes/pointwise_linear.txt). Elsewhere, and when traced or scripted, it is F.conv2d: under bf16
+    autocast oneDNN's 1x1 convolution is the faster of the two (pointwise_linear_bf16.txt)."""
     if (torch.jit.is_scripting() or torch.jit.is_tracing() or x.device.type != "cpu" or x.ndim != 4
             or torch.is_autocast_enabled("cpu") or not x.dtype == torch.float32 == weight.dtype
             or not x.is_contiguous(memory_format=torch.channels_last)):

@@ -1,8 +1,10 @@
 """Probe (2026-12-05): ConvMixer's 1x1 (pointwise) convolution on channels_last CPU activations, as oneDNN's
 convolution (what nn.Conv2d runs) against F.linear on the (N*H*W, C) view of the same memory, forward and
 forward + backward, interleaved, medians of medians. Output, with a whole-step A/B: pointwise_linear.txt.
+`--bf16` (2026-12-06) times the two forms under bf16 autocast on bf16 activations, where the shipped
+pointwise_conv2d keeps the convolution: the linear form is the same view, unconditionally.
 
-    python benchmarks/probes/pointwise_linear.py"""
+    python benchmarks/probes/pointwise_linear.py [--bf16]"""
 import statistics
 import sys
 from pathlib import Path
@@ -19,25 +21,40 @@ from depthwise_backward import median_ms  # noqa: E402  (benchmarks/, the same t
 SHAPES = [(128, 224, 9, 9), (128, 256, 16, 16), (128, 256, 8, 8), (32, 768, 32, 32)]
 
 
+def linear_view(x, weight, bias):
+    """F.linear on the (N*H*W, C) view of channels_last activations, whatever their dtype or autocast."""
+    n, c, h, w = x.shape
+    out = F.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.view(weight.shape[0], c), bias)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 def main():
+    bf16 = "--bf16" in sys.argv[1:]
     convmixer.tune_cpu()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms, channels_last fp32")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms, channels_last "
+          f"{'bf16 autocast, bf16 activations' if bf16 else 'fp32'}")
     print(f"{'N x C x H x W':<16} {'conv fwd':>9} {'linear fwd':>10} {'conv f+b':>9} {'linear f+b':>10} {'max diff':>9}")
     for n, c, h, w in SHAPES:
-        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
+        x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
         weight = torch.randn(c, c, 1, 1, requires_grad=True)
         bias = torch.randn(c, requires_grad=True)
-        grad = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
-        forms = {"conv": F.conv2d, "linear": pointwise_conv2d}  # the linear form: fp32 channels_last
-        diff = (forms["conv"](x, weight, bias) - forms["linear"](x, weight, bias)).abs().max().item()
+        grad = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+        # the linear form: the shipped one in fp32 channels_last; under autocast the view itself
+        forms = {"conv": F.conv2d, "linear": linear_view if bf16 else pointwise_conv2d}
+        with autocast:
+            diff = (forms["conv"](x, weight, bias).float() - forms["linear"](x, weight, bias).float()).abs().max().item()
 
         def fwd(f):
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 forms[f](x, weight, bias)
 
         def both(f):
             x.grad = weight.grad = bias.grad = None
-            forms[f](x, weight, bias).backward(grad)
+            with autocast:
+                y = forms[f](x, weight, bias)
+            y.backward(grad)
         ms = {k: [] for k in ("cf", "lf", "cb", "lb")}
         for _ in range(3):
             ms["cf"].append(median_ms(lambda: fwd("conv")))
