@@ -103,6 +103,12 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             or torch.is_autocast_enabled("cpu") or not x.dtype == torch.float32 == weight.dtype
             or not x.is_contiguous(memory_format=torch.channels_last)):
         return F.conv2d(x, weight, bias)
+    return pointwise_linear(x, weight, bias)
+
+
+def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 convolution as F.linear on the (N*H*W, C) view of channels_last activations, unconditionally
+    (:func:`pointwise_conv2d` chooses when to use it)."""
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last memory is (N, H, W, C)
     out = F.linear(rows, weight.view(weight.shape[0], c), bias)

@@ -2,7 +2,7 @@
 convolution (what nn.Conv2d runs) against F.linear on the (N*H*W, C) view of the same memory, forward and
 forward + backward, interleaved, medians of medians. Output, with a whole-step A/B: pointwise_linear.txt.
 `--bf16` (2026-12-06) times the two forms under bf16 autocast on bf16 activations, where the shipped
-pointwise_conv2d keeps the convolution: the linear form is the same view, unconditionally.
+pointwise_conv2d keeps the convolution; both modes time fastops.pointwise_linear, the form it chooses in fp32.
 
     python benchmarks/probes/pointwise_linear.py [--bf16]"""
 import statistics
@@ -13,19 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import convmixer
-from convmixer.fastops import pointwise_conv2d
+from convmixer.fastops import pointwise_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from depthwise_backward import median_ms  # noqa: E402  (benchmarks/, the same timing for both probes)
 
 SHAPES = [(128, 224, 9, 9), (128, 256, 16, 16), (128, 256, 8, 8), (32, 768, 32, 32)]
-
-
-def linear_view(x, weight, bias):
-    """F.linear on the (N*H*W, C) view of channels_last activations, whatever their dtype or autocast."""
-    n, c, h, w = x.shape
-    out = F.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.view(weight.shape[0], c), bias)
-    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def main():
@@ -41,8 +34,7 @@ def main():
         weight = torch.randn(c, c, 1, 1, requires_grad=True)
         bias = torch.randn(c, requires_grad=True)
         grad = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
-        # the linear form: the shipped one in fp32 channels_last; under autocast the view itself
-        forms = {"conv": F.conv2d, "linear": linear_view if bf16 else pointwise_conv2d}
+        forms = {"conv": F.conv2d, "linear": pointwise_linear}
         with autocast:
             diff = (forms["conv"](x, weight, bias).float() - forms["linear"](x, weight, bias).float()).abs().max().item()
 
