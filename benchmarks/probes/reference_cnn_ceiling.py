@@ -69,7 +69,9 @@ class ReferenceNet(nn.Module):
     @torch.no_grad()
     def init_whitening(self, x, eps=5e-4):
         """The eigenvectors of the 2x2 patches' second moment (of normalised images, so about their covariance)
-        scaled by 1/sqrt(eigenvalue), with their negatives."""
+        scaled by 1/sqrt(eigenvalue), with their negatives. Not convmixer.model.whiten_stem on purpose: that
+        one whitens the non-overlapping p x p patches a ConvMixer stem sees and centres them with its bias;
+        this layer slides over every 2x2 patch with stride 1, uncentred, as the description has it."""
         patches = x.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 3, 2, 2).flatten(1).double()
         values, vectors = torch.linalg.eigh(patches.T @ patches / len(patches))
         w = (vectors.T.flip(0) / (values.flip(0) + eps).sqrt().view(-1, 1)).view(12, 3, 2, 2).float()
@@ -121,7 +123,7 @@ def main():
     model.whiten.bias.requires_grad = True
     params = [p for p in model.parameters() if p.requires_grad]
     biases = [p for m in model.modules() if isinstance(m, Norm) for p in m.parameters() if p.requires_grad]
-    weights = [p for p in params if all(p is not b for b in biases)]  # the whitening bias at the base lr
+    weights = [p for p in params if id(p) not in {id(b) for b in biases}]  # the whitening bias at the base lr
     opt = torch.optim.SGD([{"params": weights, "lr": lr, "weight_decay": wd / lr},
                            {"params": biases, "lr": lr * 64, "weight_decay": wd / (lr * 64)}],
                           momentum=momentum, nesterov=True)
