@@ -1,6 +1,6 @@
 """Probe (2026-12-06): what the fastest known CIFAR-10 recipe reaches on *our* data (issue 16).
 
-    python benchmarks/probes/reference_cnn_ceiling.py --data-dir ../shared/data [--epochs 9.9] [--seed 0]
+    python benchmarks/probes/reference_cnn_ceiling.py --data-dir ../shared/data [--epochs 9.9] [--seed 0] [--requality Q]
 
 Not a ConvMixer, and not part of the package: a reference point for the 94% goal. It trains a network
 built after the description of airbench94 (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a single
@@ -17,14 +17,25 @@ split as the `cifar10_fast*` configs (`val_split: 5000`, seed 0), on this CPU wi
 the CPU has it. What it reaches is measured evidence of what the data allows at ~10 epochs, and its
 wall-clock is a time comparison with ConvMixer on the same machine. Prints one line per epoch and a
 final JSON line.
+
+`--widths 128 384 384 --lr 10 --epochs 15` is the same recipe at the wider setting its author published
+for 95.0% (airbench95, 3.9x the FLOPs of the 9.9-epoch run).
+
+`--requality Q` saves every image (train and validation) once more as a JPEG of quality Q with Pillow's
+default 4:2:0 chroma subsampling, as the copy was made, and trains and validates on the decoded result:
+how much one more generation of compression costs this recipe, the slope the data's own JPEG step sits on
+(no lossless copy is reachable here to measure that step itself).
 """
 import argparse
+import io
 import json
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import convmixer
@@ -79,6 +90,16 @@ class ReferenceNet(nn.Module):
         self.whiten.weight.requires_grad = False
 
 
+def requality(images, quality):
+    """uint8 N x 3 x H x W images, each saved as a JPEG of this quality (4:2:0) and decoded again."""
+    out = torch.empty_like(images)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        out[i] = torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)
+    return out
+
+
 def normalise(images, mean, std):
     return (images.float() / 255 - mean) / std
 
@@ -106,19 +127,27 @@ def main():
     ap.add_argument("--epochs", type=float, default=9.9)
     ap.add_argument("--seed", type=int, default=0, help="training seed (the validation split is always seed 0's)")
     ap.add_argument("--amp", default="auto")
+    ap.add_argument("--widths", type=int, nargs=3, default=(64, 256, 256), help="the three groups' widths")
+    ap.add_argument("--lr", type=float, default=11.5, help="learning rate per 1024 images (decoupled from momentum)")
+    ap.add_argument("--requality", type=int, choices=range(1, 96), metavar="Q",
+                    help="re-encode every image as a JPEG of quality Q (1-95) first")
     args = ap.parse_args()
+    if not (0 < args.epochs < 1000 and 0 < args.lr < 1000 and min(args.widths) > 0):
+        ap.error("--epochs and --lr must be positive numbers under 1000, --widths positive")
     convmixer.tune_cpu()
     amp = amp_dtype(args.amp, torch.device("cpu"))
     train, val = split_train_val(load_dataset("cifar10", args.data_dir, train=True, progress=False), 5000, seed=0)
+    if args.requality:
+        train.images, val.images = requality(train.images, args.requality), requality(val.images, args.requality)
     torch.manual_seed(args.seed)
     mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in STATS["cifar10"])
     batch, momentum, label_smoothing = 1024, 0.85, 0.2
     steps_per_epoch = math.ceil(len(train) / batch)
-    total = int(args.epochs * steps_per_epoch)
+    total = max(1, int(args.epochs * steps_per_epoch))
     kilostep = batch * (1 + 1 / (1 - momentum))
-    lr, wd = 11.5 / kilostep, 0.0153 * batch / kilostep
+    lr, wd = args.lr / kilostep, 0.0153 * batch / kilostep
 
-    model = ReferenceNet().to(memory_format=torch.channels_last)
+    model = ReferenceNet(args.widths).to(memory_format=torch.channels_last)
     model.init_whitening(normalise(train.images[:5000], mean, std))
     model.whiten.bias.requires_grad = True
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +164,7 @@ def main():
 
     slow = [p.detach().clone() for p in model.state_dict().values()]
     print(f"reference CNN: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train)} train / "
-          f"{len(val)} val JPEG images, {total} steps of {batch} ({args.epochs} epochs), amp={amp}", flush=True)
+          f"{len(val)} val JPEG images{f' saved again at quality {args.requality}' if args.requality else ''}, {total} steps of {batch} ({args.epochs} epochs), amp={amp}", flush=True)
     flip_bit = torch.rand(len(train)) < 0.5
     step, start, trained = 0, time.perf_counter(), 0.0
     for epoch in range(math.ceil(args.epochs)):
@@ -170,7 +199,7 @@ def main():
         print(f"epoch {epoch + 1}: {trained / 60:.1f} min, loss {loss.item() / len(idx):.3f}", flush=True)
     for s, p in zip(slow, model.state_dict().values()):  # end on the slow weights
         p.copy_(s)
-    result = {"epochs": args.epochs, "seed": args.seed, "train_minutes": round(trained / 60, 2),
+    result = {"epochs": args.epochs, "seed": args.seed, "widths": args.widths, "lr": args.lr, "requality": args.requality, "train_minutes": round(trained / 60, 2),
               "img_per_s": round(step * batch / trained), "amp": str(amp),
               "val_top1_2view": evaluate(model, val.images, val.labels, mean, std, amp, views6=False),
               "val_top1_6view": evaluate(model, val.images, val.labels, mean, std, amp)}
