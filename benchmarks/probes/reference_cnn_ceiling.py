@@ -41,6 +41,7 @@ from torch import nn
 import convmixer
 from convmixer.augment import translate
 from convmixer.data import STATS, load_dataset, split_train_val
+from convmixer.errors import DataError
 from convmixer.evaluate import translate as shift_view
 from convmixer.runtime import amp_dtype
 
@@ -136,7 +137,10 @@ def main():
         ap.error("--epochs and --lr must be positive numbers under 1000, --widths positive")
     convmixer.tune_cpu()
     amp = amp_dtype(args.amp, torch.device("cpu"))
-    train, val = split_train_val(load_dataset("cifar10", args.data_dir, train=True, progress=False), 5000, seed=0)
+    try:
+        train, val = split_train_val(load_dataset("cifar10", args.data_dir, train=True, progress=False), 5000, seed=0)
+    except DataError as e:
+        ap.error(str(e))
     if args.requality:
         train.images, val.images = requality(train.images, args.requality), requality(val.images, args.requality)
     torch.manual_seed(args.seed)
@@ -150,9 +154,9 @@ def main():
     model = ReferenceNet(args.widths).to(memory_format=torch.channels_last)
     model.init_whitening(normalise(train.images[:5000], mean, std))
     model.whiten.bias.requires_grad = True
-    params = [p for p in model.parameters() if p.requires_grad]
     biases = [p for m in model.modules() if isinstance(m, Norm) for p in m.parameters() if p.requires_grad]
-    weights = [p for p in params if id(p) not in {id(b) for b in biases}]  # the whitening bias at the base lr
+    bias_ids = {id(b) for b in biases}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in bias_ids]  # whitening bias: base lr
     opt = torch.optim.SGD([{"params": weights, "lr": lr, "weight_decay": wd / lr},
                            {"params": biases, "lr": lr * 64, "weight_decay": wd / (lr * 64)}],
                           momentum=momentum, nesterov=True)
@@ -163,8 +167,10 @@ def main():
         return 0.2 + 0.8 * t / 0.23 if t < 0.23 else 1 - 0.93 * (t - 0.23) / 0.77
 
     slow = [p.detach().clone() for p in model.state_dict().values()]
+    resaved = f" saved again at quality {args.requality}" if args.requality else ""
     print(f"reference CNN: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train)} train / "
-          f"{len(val)} val JPEG images{f' saved again at quality {args.requality}' if args.requality else ''}, {total} steps of {batch} ({args.epochs} epochs), amp={amp}", flush=True)
+          f"{len(val)} val JPEG images{resaved}, {total} steps of {batch} ({args.epochs} epochs), amp={amp}",
+          flush=True)
     flip_bit = torch.rand(len(train)) < 0.5
     step, start, trained = 0, time.perf_counter(), 0.0
     for epoch in range(math.ceil(args.epochs)):
@@ -199,7 +205,8 @@ def main():
         print(f"epoch {epoch + 1}: {trained / 60:.1f} min, loss {loss.item() / len(idx):.3f}", flush=True)
     for s, p in zip(slow, model.state_dict().values()):  # end on the slow weights
         p.copy_(s)
-    result = {"epochs": args.epochs, "seed": args.seed, "widths": args.widths, "lr": args.lr, "requality": args.requality, "train_minutes": round(trained / 60, 2),
+    result = {"epochs": args.epochs, "seed": args.seed, "widths": args.widths, "lr": args.lr,
+              "requality": args.requality, "train_minutes": round(trained / 60, 2),
               "img_per_s": round(step * batch / trained), "amp": str(amp),
               "val_top1_2view": evaluate(model, val.images, val.labels, mean, std, amp, views6=False),
               "val_top1_6view": evaluate(model, val.images, val.labels, mean, std, amp)}
