@@ -135,8 +135,8 @@ def main():
     ap.add_argument("--requality", type=int, choices=range(1, 96), metavar="Q",
                     help="re-encode every image as a JPEG of quality Q (1-95) first")
     args = ap.parse_args()
-    if not (0 < args.epochs < 1000 and 0 < args.lr < 1000 and min(args.widths) > 0):
-        ap.error("--epochs and --lr must be positive numbers under 1000, --widths positive")
+    if not (0 < args.epochs < 1000 and 0 < args.lr < 1000 and 0 < min(args.widths) <= max(args.widths) <= 4096):
+        ap.error("--epochs and --lr must be positive numbers under 1000, --widths whole numbers from 1 to 4096")
     convmixer.tune_cpu()
     amp = amp_dtype(args.amp, torch.device("cpu"))
     try:
