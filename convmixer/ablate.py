@@ -57,6 +57,7 @@ def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | No
     (out / "cells").mkdir(parents=True, exist_ok=True)
     budget = {} if full else dict(REDUCED)
     overrides = dict(overrides or {})
+    _claim(out, {"config": base, **{k: str(v) for k, v in {**budget, **overrides}.items()}})
     results = []
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     for i, cell in enumerate(cells, 1):
@@ -91,6 +92,22 @@ def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | No
     return results
 
 
+def _claim(out: Path, shared: dict) -> None:
+    """Record the settings every cell of the grid in ``out`` shares (grid.json), or refuse settings other
+    than those its finished and unfinished cells were trained with: their results would be mixed."""
+    from .weights import atomic_write
+    path = out / "grid.json"
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        before = None  # unreadable: rewritten below
+    if isinstance(before, dict) and before != shared:
+        key = next(k for k in sorted(set(before) | set(shared), key=str) if before.get(k) != shared.get(k))
+        raise ConfigError(f"{out} holds a grid trained with {key}={before.get(key)} (now {shared.get(key)}): use "
+                          f"another --out, or delete {out} to start over")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(shared, indent=2)))
+
+
 def _read_cell(path: Path) -> dict | None:
     """A finished cell's record; None when there is none, or it is unreadable (the cell is rerun)."""
     try:
@@ -109,11 +126,10 @@ def write_report(results: list[dict], out: Path, grid: dict):
                      f" | {100 * r['val_top1']:.2f} | {r['params'] / 1e6:.3f}M | {r['images_per_second']:.0f} | "
                      f"{r['seconds'] / 60:.1f} |")
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(results) + 2), 4.5))
+    from .viz import pyplot, save_figure
+    from .weights import atomic_write
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.7 * len(results) + 2), 4.5))
     names = [r["name"].replace(",", "\n") for r in results]
     values = [100 * r["val_top1"] for r in results]
     bars = ax.bar(range(len(results)), values, color="tab:blue")
@@ -127,9 +143,8 @@ def write_report(results: list[dict], out: Path, grid: dict):
     ax.set_title("ablation (bar labels: top-1 %, training img/s)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
-    plt.close(fig)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    save_figure(fig, out / "results.png")
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
 
 
 def cmd_ablate(args):

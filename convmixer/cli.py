@@ -147,9 +147,15 @@ def cmd_train(args):
 def cmd_eval(args):
     import torch
 
+    from .config import RANGES, check_range
     from .evaluate import evaluate, load_eval_data
     from .run import load_model
     from .runtime import amp_dtype
+    check_range("--batch-size", args.batch_size, 1, 4096)
+    check_range("--workers", args.workers, *RANGES["workers"][:2])
+    if args.confusion_png:  # a name matplotlib cannot write is found now, not after the evaluation
+        from .viz import check_figure_path
+        check_figure_path(args.confusion_png)
     model, info = load_model(args.checkpoint)
     data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                           args.skip_bad_images)
@@ -157,13 +163,15 @@ def cmd_eval(args):
     model.to(device).to(memory_format=torch.channels_last)
     amp = None if args.fp32 else amp_dtype("auto", device)
     result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
-                      tta_shift=args.tta_shift, workers=args.workers)
+                      tta_shift=args.tta_shift, workers=args.workers, skip_bad_images=args.skip_bad_images)
     result.update(dataset=dataset, split=split, checkpoint=args.checkpoint)
+    if result["skipped"]:
+        print(f"left out {result['skipped']} unreadable image(s)", file=sys.stderr)
     if args.confusion_png:
         from .viz import plot_confusion
         plot_confusion(result["confusion"], info.classes, args.confusion_png)
     if args.json:
-        print(json.dumps(result if args.full else {k: result[k] for k in ("top1", "top5", "n", "loss")}))
+        print(json.dumps(result if args.full else {k: result[k] for k in ("top1", "top5", "n", "loss", "skipped")}))
         return 0
     print(f"{dataset} {split}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
           f"loss {result['loss']:.4f}  ({result['n']} images)")
@@ -194,23 +202,22 @@ def _device(name: str | None):
 
 
 def cmd_embed(args):
-    import json
-
-    from .errors import ConfigError
+    from .config import check_range
     from .evaluate import embed, image_files
     from .run import load_model
-    from .weights import atomic_write
-    if not args.out.endswith((".safetensors", ".npz")):
-        raise ConfigError(f"--out {args.out}: end it with .safetensors or .npz")
-    if not 1 <= args.batch_size <= 4096:
-        raise ConfigError(f"--batch-size {args.batch_size} is outside 1..4096")
+    from .weights import atomic_write, check_output_file
+    check_output_file(args.out, (".safetensors", ".npz"), args.overwrite)
+    check_range("--batch-size", args.batch_size, 1, 4096)
     model, info = load_model(args.checkpoint)
     files = image_files(args.images)
     vectors = embed(model, info, files, args.batch_size)
-    if args.out.endswith(".npz"):
+    if args.out.lower().endswith(".npz"):
         import numpy as np
-        atomic_write(args.out, lambda tmp: np.savez(open(tmp, "wb"), embeddings=vectors.numpy(),
-                                                    files=np.array(files)))
+
+        def write(tmp):  # a file object: given a name, numpy would add .npz to the temporary one
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=vectors.numpy(), files=np.array(files))
+        atomic_write(args.out, write)
     else:
         from safetensors.torch import save_file
         atomic_write(args.out, lambda tmp: save_file({"embeddings": vectors.contiguous()}, tmp,
@@ -246,8 +253,8 @@ def cmd_predict(args):
     if args.json:
         print(json.dumps(results))
         return 0
-    for r in results:
-        print(r["file"])
+    for r in results:  # a file name that is not valid UTF-8 is printed with its odd bytes escaped
+        print(os.fsencode(r["file"]).decode(errors="backslashreplace"))
         for t in r["top"]:
             print(f"  {t['class']:<20} {100 * t['probability']:6.2f}%")
     return 0
@@ -279,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--json", action="store_true", help="print a JSON array: one object (file, top) per image")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("embed", help="pooled features of image files (or folders) into one .safetensors/.npz file")
@@ -287,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="embeddings.safetensors (files in its metadata) or embeddings.npz")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("cache", help="show (or --clear) the cache of decoded images and unpacked archives")
@@ -330,7 +338,7 @@ def _add_eval_parser(sub) -> None:
                    help="val: the run's seeded split of the training set; test: the test split (or <dir>/test)")
     p.add_argument("--val-split", type=float, default=None,
                    help="with --split val: images (or a fraction) carved from the training set (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch (1-4096)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: decode in this process)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--fp32", action="store_true", help="no bf16/fp16 autocast")

@@ -183,8 +183,7 @@ class TrainConfig:
             raise ConfigError(f"knee_at must lie between peak_at ({self.peak_at}) and 1, got {self.knee_at}")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs:g} is longer than the {self.epochs} epochs")
-        if self.val_split is not None and self.val_split >= 1 and not float(self.val_split).is_integer():
-            raise ConfigError(f"val_split={self.val_split:g}: give a fraction below 1 or a whole number of images")
+        check_val_split("val_split", self.val_split)
         patch = self.patch_size or VARIANTS[self.model].patch_size
         if self.img_size is not None and patch > self.img_size:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
@@ -202,6 +201,13 @@ def check_range(name: str, value, low, high):
     if value is not None and not low <= value <= high:
         raise ConfigError(f"{name} {value} is outside {low}..{high}")
     return value
+
+
+def check_val_split(name: str, value) -> None:
+    """A validation split is a fraction below 1 or a whole number of images (None: the default)."""
+    check_range(name, value, RANGES["val_split"][0], RANGES["val_split"][1])
+    if value is not None and value >= 1 and not float(value).is_integer():
+        raise ConfigError(f"{name} {value:g}: give a fraction below 1 or a whole number of images")
 
 
 def check_batch_bytes(batch: int, channels: int, size: int, limit: int = 2 ** 31):

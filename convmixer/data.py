@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+MAX_ASPECT = 8  # evaluation: of an image longer than 8:1, the central 8:1 (crop_long_side)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder")
 STATS = {  # per-channel mean/std of the training images
@@ -173,7 +175,8 @@ def scan_folder(root: Path, skip_bad: bool = False) -> ImageData:
         raise DataError(f"{odd[0]} is not a regular file (a broken or looping link, a FIFO or a device"
                         f"{f'; {len(odd) - 1} more' if len(odd) > 1 else ''}): remove it or pass --skip-bad-images")
     if odd:
-        print(f"skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that are not regular files, e.g. {odd[0]}")
+        print(f"skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that are not regular files, e.g. {odd[0]}",
+              file=sys.stderr)
     return ImageData(torch.tensor(labels, dtype=torch.long), classes, files=files)
 
 
@@ -257,7 +260,6 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     from tqdm import tqdm
     images, labels, bad = [], [], []
     first_shape = None
-    import sys
     for path, label in tqdm(list(zip(data.files, data.labels.tolist())), desc="decoding images", unit="img",
                             disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 60.0):
         try:
@@ -276,7 +278,7 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
         images.append(img)
         labels.append(label)
     if bad:
-        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
     if not images:
         raise DataError("no readable images")
     out = ImageData(torch.tensor(labels), data.classes, images=torch.stack(images), channels=data.channels)
@@ -442,11 +444,21 @@ def train_transform(cfg, img_size: int, mean, std) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def crop_long_side(img: torch.Tensor) -> torch.Tensor:
+    """The central part, MAX_ASPECT times as long as wide, of an image longer than that. The centre crop
+    after the resize keeps far less of the long side, so the result is the same, without the resize's huge
+    intermediate (a 1 x 10^6 pixel strip would otherwise become 32 x 3.2e7 pixels)."""
+    h, w = img.shape[-2:]
+    if max(h, w) <= MAX_ASPECT * min(h, w):
+        return img
+    return v2.functional.center_crop(img, [min(h, MAX_ASPECT * w), min(w, MAX_ASPECT * h)])
+
+
 def eval_transform(img_size: int, crop_pct: float, mean, std) -> v2.Compose:
     """The one evaluation preprocessing (per image or on a whole uint8 batch): resize the short side
     to img_size / crop_pct, centre-crop img_size, normalise."""
     resize = int(round(img_size / crop_pct))
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(img_size),
+    return v2.Compose([crop_long_side, v2.Resize(resize, antialias=True), v2.CenterCrop(img_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
@@ -463,10 +475,12 @@ def batch_mixer(cfg, num_classes: int):
 
 
 class TransformedImages(torch.utils.data.Dataset):
-    """(transformed image, label) pairs from decoded images or files."""
+    """(transformed image, label) pairs from decoded images or files. With ``skip_bad_images`` an
+    unreadable file is replaced by the next readable one (training: every batch stays full), or, with
+    ``leave_out`` (evaluation: no image may count twice), returned as None for ``readable_batch`` to drop."""
 
-    def __init__(self, data: ImageData, transform, skip_bad_images: bool = False):
-        self.data, self.transform, self.skip_bad = data, transform, skip_bad_images
+    def __init__(self, data: ImageData, transform, skip_bad_images: bool = False, leave_out: bool = False):
+        self.data, self.transform, self.skip_bad, self.leave_out = data, transform, skip_bad_images, leave_out
 
     def __len__(self):
         return len(self.data)
@@ -474,14 +488,22 @@ class TransformedImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self.data.images is not None:
             return self.transform(self.data.images[i]), self.data.labels[i]
-        for attempt in range(len(self)):  # with skip_bad_images, the next readable image stands in, with its label
+        for attempt in range(1 if self.leave_out else len(self)):
             j = (i + attempt) % len(self)
             try:
                 return self.transform(decode(self.data.files[j], self.data.channels)), self.data.labels[j]
             except DataError:
                 if not self.skip_bad:
                     raise
+        if self.leave_out:
+            return None
         raise DataError("no readable image in the data set")
+
+
+def readable_batch(items):
+    """A DataLoader batch of the items that are not None (unreadable images left out); None if none is."""
+    items = [item for item in items if item is not None]
+    return torch.utils.data.default_collate(items) if items else None
 
 
 def worker_errors_in_one_line(batches):
@@ -505,12 +527,14 @@ def worker_errors_in_one_line(batches):
             shutdown()
 
 
-def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0):
+def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0, skip_bad_images: bool = False):
     """(images, labels) batches for evaluation: decoded sets are transformed a whole batch at a time,
-    files one image at a time in DataLoader workers; the same transform either way."""
+    files one image at a time in DataLoader workers; the same transform either way. With
+    ``skip_bad_images`` unreadable files are left out (the batches then hold fewer images)."""
     if data.images is not None:
         for start in range(0, len(data), batch_size):
             yield transform(data.images[start:start + batch_size]), data.labels[start:start + batch_size]
         return
-    yield from worker_errors_in_one_line(torch.utils.data.DataLoader(
-        TransformedImages(data, transform), batch_size=batch_size, num_workers=workers))
+    batches = torch.utils.data.DataLoader(TransformedImages(data, transform, skip_bad_images, leave_out=True),
+                                          batch_size=batch_size, num_workers=workers, collate_fn=readable_batch)
+    yield from (batch for batch in worker_errors_in_one_line(batches) if batch is not None)

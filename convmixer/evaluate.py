@@ -39,12 +39,13 @@ def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torc
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size: int = 256, device="cpu",
              amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
-             workers: int = 0, tta_shift: int = 0) -> dict:
+             workers: int = 0, tta_shift: int = 0, skip_bad_images: bool = False) -> dict:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
 
     Test-time augmentation averages the logits of several views: with ``tta_flip`` each view and its
     mirror, with ``tta_shift=s`` also the image translated by (+s, +s) and (-s, -s) pixels (reflected
-    border), so 1, 2, 3 or 6 views in all.
+    border), so 1, 2, 3 or 6 views in all. With ``skip_bad_images`` unreadable files are left out of
+    every figure and counted in ``skipped``.
     """
     if tta_shift < 0:
         raise ConfigError(f"tta_shift must be 0 (off) or a number of pixels, got {tta_shift}")
@@ -56,7 +57,7 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
     num_classes = len(info.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
-    for images, labels in eval_batches(data, batch_size, info_transform(info), workers):
+    for images, labels in eval_batches(data, batch_size, info_transform(info), workers, skip_bad_images):
         images = images.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -74,9 +75,11 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
         n += len(labels)
     model.train(was_training)
     if n == 0:
-        raise DataError("the evaluation set is empty: point --data-dir/--split at images")
+        raise DataError("the evaluation set is empty" + (" (no image was readable)" if len(data) else "") +
+                        ": point --data-dir/--split at images")
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     return {"top1": confusion.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
+            "skipped": len(data) - n,
             "per_class": dict(zip(info.classes, per_class)), "confusion": confusion.tolist()}
 
 
@@ -85,6 +88,8 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
     """The images to evaluate a run's model on, and the name of the split. Defaults come from the run's
     config: its data set and folder, and the split it validated on: the same seeded split of the
     training set when it carved one, else the data set's own (an image folder's val/ or test/)."""
+    from .config import check_val_split
+    check_val_split("--val-split", val_split)
     cfg = info.config
     dataset = dataset or info.dataset or cfg.get("dataset")
     if not dataset:

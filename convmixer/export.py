@@ -95,8 +95,13 @@ def load_onnx(path):
     return model, RunInfo.from_metadata(meta, path)
 
 
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts"), "safetensors": (".safetensors",)}
+
+
 def cmd_export(args):
     from .run import load_model
+    from .weights import check_output_file
+    check_output_file(args.out, SUFFIXES[args.format], args.overwrite)
     model, info = load_model(args.checkpoint)
     from .config import RANGES, check_range
     check_range("--img-size", args.img_size, model.patch_size, RANGES["img_size"][1])
@@ -113,7 +118,8 @@ def add_parser(sub):
     from .run import CHECKPOINT_HELP
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default="onnx", help="file format")
-    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--out", required=True, help="the file to write: .onnx, .pt (TorchScript) or .safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--img-size", type=int, default=None,
                    help="input size of the traced graph (default: the size the model was trained at)")
     p.set_defaults(func=cmd_export)

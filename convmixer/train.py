@@ -668,7 +668,7 @@ def _validate(run: Run, record: dict) -> bool:
     for suffix, m in [("", run.model)] + ([("_ema", run.ema.module)] if run.ema is not None else []):
         r = evaluate(m, run.val_data, run.info, batch_size=max(256, run.cfg.batch_size), device=run.device,
                      amp=run.dtype, channels_last=run.cfg.channels_last, tta_flip=run.cfg.tta_flip,
-                     tta_shift=run.cfg.tta_shift)
+                     tta_shift=run.cfg.tta_shift, skip_bad_images=run.cfg.skip_bad_images)
         record.update({f"val_loss{suffix}": r["loss"], f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"]})
     record["eval_seconds"] = time.time() - start
     score = max(record["val_top1"], record.get("val_top1_ema", -1))

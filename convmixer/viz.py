@@ -10,11 +10,31 @@ from .errors import ConfigError
 from .run import CHECKPOINT_HELP, read_metrics
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def check_figure_path(path) -> Path:
+    """A file name matplotlib can write (by its suffix) and that is not a folder: checked before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    path, formats = Path(path), FigureCanvasBase.get_supported_filetypes()
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a file name, e.g. {path / 'confusion.png'}")
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"{path}: end the file name with .png (or .{', .'.join(sorted(formats))})")
+    return path
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """Write and close a figure; written to a temporary file renamed into place, so an existing picture is
+    replaced whole or not at all."""
+    from .weights import atomic_write
+    path = check_figure_path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lower().lstrip("."), dpi=120, **kwargs))
+    pyplot().close(fig)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -25,7 +45,7 @@ def _grid(n: int) -> tuple[int, int]:
 def plot_patch_filters(model, path, max_filters: int = 256):
     """The patch-embedding filters (h x C x p x p): RGB images for 3-channel input, grey otherwise,
     each scaled to its own range."""
-    plt = _plt()
+    plt = pyplot()
     w = model.stem[0].weight.detach().float().cpu()[:max_filters]
     rows, cols = _grid(len(w))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.45 + 0.5, rows * 0.45 + 0.8), squeeze=False)
@@ -39,14 +59,13 @@ def plot_patch_filters(model, path, max_filters: int = 256):
             ax.imshow(f[0].numpy(), cmap="gray", interpolation="nearest")
     fig.suptitle(f"patch-embedding filters ({w.shape[2]}x{w.shape[3]}, first {len(w)} of {model.dim})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_depthwise_kernels(model, path, layers=None, max_kernels: int = 64):
     """The depthwise k x k kernels of chosen layers side by side (diverging colour map centred on
     zero), to see them go from local to spread-out with depth as the paper shows."""
-    plt = _plt()
+    plt = pyplot()
     depth = model.depth
     layers = layers or sorted({0, depth // 2, depth - 1})
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 4.6), squeeze=False)
@@ -63,13 +82,12 @@ def plot_depthwise_kernels(model, path, layers=None, max_kernels: int = 64):
         ax.axis("off")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7, label="weight / max |weight| per kernel")
     fig.suptitle(f"depthwise {model.kernel_size}x{model.kernel_size} kernels (first {max_kernels} channels)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_curves(runs: dict, path):
     """Loss, top-1 and learning rate against epoch; several runs overlaid."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, records in runs.items():
         epochs = [r["epoch"] for r in records]
@@ -92,20 +110,21 @@ def plot_curves(runs: dict, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_confusion(confusion, classes, path):
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
     m = np.asarray(confusion, dtype=float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4.5, 0.55 * n + 1.5)))
+    side = min(0.55 * n, 18)  # 1000 classes (ImageNet) in 20 inches: cells, no names
+    fig, ax = plt.subplots(figsize=(max(5, side + 2), max(4.5, side + 1.5)))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    if n <= 50:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 20:
@@ -116,8 +135,7 @@ def plot_confusion(confusion, classes, path):
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     ax.set_title(f"confusion matrix (top-1 {100 * np.trace(m) / max(m.sum(), 1):.2f}%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cmd_viz(args):
@@ -127,10 +145,8 @@ def cmd_viz(args):
     if args.checkpoint:
         from .run import load_model
         model, info = load_model(args.checkpoint)
+        layers = _layers(args.layers, model.depth)
         plot_patch_filters(model, out / "patch_filters.png")
-        layers = [int(i) - 1 for i in args.layers.split(",")] if args.layers else None
-        if layers and not all(0 <= i < model.depth for i in layers):
-            raise ConfigError(f"--layers must be between 1 and {model.depth}")
         plot_depthwise_kernels(model, out / "depthwise_kernels.png", layers)
         written += ["patch_filters.png", "depthwise_kernels.png"]
         if args.confusion:
@@ -143,14 +159,28 @@ def cmd_viz(args):
     if args.checkpoint and not runs and (Path(args.checkpoint).parent / "metrics.jsonl").is_file():
         runs = [str(Path(args.checkpoint).parent)]
     if runs:
-        plot_curves({Path(r).name if Path(r).is_dir() else Path(r).parent.name: read_metrics(r) for r in runs},
-                    out / "curves.png")
+        names = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
+        names = [name if names.count(name) == 1 else r for name, r in zip(names, runs)]  # a/x and b/x: both
+        plot_curves({name: read_metrics(r) for name, r in zip(names, runs)}, out / "curves.png")
         written.append("curves.png")
     if not written:
         raise ConfigError("nothing to draw: pass --checkpoint and/or --runs")
     for name in written:
         print(out / name)
     return 0
+
+
+def _layers(text: str | None, depth: int) -> list[int] | None:
+    """--layers "1,4,8" as 0-based block indices (None: the default choice)."""
+    if not text:
+        return None
+    try:
+        layers = [int(i) - 1 for i in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: give 1-based block numbers separated by commas, e.g. 1,4,8") from None
+    if not all(0 <= i < depth for i in layers):
+        raise ConfigError(f"--layers must be between 1 and {depth}")
+    return layers
 
 
 def add_parser(sub):

@@ -30,7 +30,7 @@ def architecture_of(path: str | os.PathLike) -> dict:
     return {k: v for k, v in args.items() if k != "fast"} if isinstance(args, dict) else {}
 
 
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -54,6 +54,19 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def check_output_file(path, suffixes: tuple[str, ...], overwrite: bool = False) -> Path:
+    """A file a command will write, checked before any work: one of ``suffixes``, not a folder, and not
+    an existing file unless ``overwrite`` (a user's weights are never replaced by a slip of the keyboard)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder: give a file name, e.g. {path / ('model' + suffixes[0])}")
+    if not path.name.lower().endswith(suffixes):
+        raise ConfigError(f"--out {path}: end the file name with {' or '.join(suffixes)}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out {path} exists: pass --overwrite to replace it, or choose another name")
+    return path
+
+
 def checkpoint_filter_fn(state_dict: dict) -> dict:
     """Bring foreign layouts to ours (timm's): unwrap ``{"state_dict": ...}`` / ``{"model": ...}``,
     strip ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile), and translate the authors'
@@ -64,13 +77,19 @@ def checkpoint_filter_fn(state_dict: dict) -> dict:
             break
     out = {}
     for k, v in state_dict.items():
+        if not isinstance(k, str):
+            raise WeightsError(f"the state dict has a key that is not a parameter name ({str(k)[:40]}): "
+                               f"it does not hold a model's weights")
         k = re.sub(r"^(module\.|_orig_mod\.)+", "", k)
         out[k] = v
     if "0.weight" in out and "stem.0.weight" not in out:  # the official repo's nn.Sequential
         depth = len({int(m.group(1)) for k in out if (m := re.match(r"^(\d+)\.0\.fn", k))})
         renamed = {}
         for k, v in out.items():
-            index, rest = k.split(".", 1)
+            index, _, rest = k.partition(".")
+            if not index.isdecimal() or not rest:  # not a layer of the Sequential: kept, reported as unexpected
+                renamed[k] = v
+                continue
             index = int(index)
             if index < 3:
                 renamed[f"stem.{index}.{rest}"] = v

@@ -383,7 +383,7 @@ def test_bad_command_arguments(tmp_path, fashion_dir, capsys):
     train(make_config(None, {**TINY, "data_dir": str(fashion_dir), "out": str(tmp_path / "run"), "epochs": 1}))
     w = str(tmp_path / "run" / "model.safetensors")
     Image.new("L", (28, 28)).save(tmp_path / "x.png")
-    one_line(capsys, main(["eval", "--checkpoint", w, "--batch-size", "0"]), "batch size")
+    one_line(capsys, main(["eval", "--checkpoint", w, "--batch-size", "0"]), "--batch-size 0")
     one_line(capsys, main(["predict", "--checkpoint", w, "--top-k", "0", str(tmp_path / "x.png")]), "top-k")
     one_line(capsys, main(["predict", "--checkpoint", w, "--top-k", "-1", str(tmp_path / "x.png")]), "top-k")
     if not torch.cuda.is_available():
@@ -468,3 +468,114 @@ def test_property_weights_reader_gives_tensors_or_one_line(tmp_path, data, suffi
         assert "\n" not in str(e)
         return
     assert isinstance(state, dict)
+
+
+# --- evaluation inputs and output files ------------------------------------------------------------------
+def _run_on_folder(tmp_path, capsys):
+    """A tiny model trained on 8x8 images of classes a and b, and a folder of the same classes at other sizes
+    (so it is read from files, not decoded once) with one corrupt image."""
+    _folder(tmp_path / "data" / "train")
+    _folder(tmp_path / "data" / "test", n=4)
+    train(make_config(None, {**TINY, "dataset": "imagefolder", "data_dir": str(tmp_path / "data"), "img_size": 8,
+                             "epochs": 1, "batch_size": 8, "out": str(tmp_path / "run")}))
+    other = tmp_path / "other" / "test"
+    for c in ("a", "b"):
+        (other / c).mkdir(parents=True)
+        for i, size in enumerate(((12, 9), (5, 16), (30, 30))):
+            Image.fromarray(np.full((size[1], size[0], 3), 20 if c == "a" else 230, np.uint8)).save(other / c / f"{i}.png")
+    (other / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    capsys.readouterr()
+    return str(tmp_path / "run" / "model.safetensors"), str(tmp_path / "other")
+
+
+def test_eval_leaves_out_unreadable_files_and_keeps_stdout_json(tmp_path, capsys):
+    w, other = _run_on_folder(tmp_path, capsys)
+    args = ["eval", "--checkpoint", w, "--dataset", "imagefolder", "--data-dir", other, "--split", "test", "--json"]
+    one_line(capsys, main(args), "bad.png")  # stops at the corrupt file without the flag
+    assert main(args + ["--skip-bad-images", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout is the JSON alone; the notice goes to stderr
+    assert result["n"] == 6 and result["skipped"] == 1 and "left out 1" in captured.err
+
+
+def test_eval_and_viz_arguments_checked_before_any_work(tmp_path, capsys):
+    w, other = _run_on_folder(tmp_path, capsys)
+    for value in ("nan", "inf", "-1", "1.5", "1e9"):
+        one_line(capsys, main(["eval", "--checkpoint", w, "--split", "val", "--val-split", value]), "--val-split")
+    one_line(capsys, main(["eval", "--checkpoint", w, "--batch-size", "100000"]), "--batch-size")
+    one_line(capsys, main(["eval", "--checkpoint", w, "--workers", "-1"]), "--workers")
+    one_line(capsys, main(["eval", "--checkpoint", w, "--confusion-png", str(tmp_path / "m.txt")]), "m.txt", ".png")
+    (tmp_path / "c.png").mkdir()
+    one_line(capsys, main(["eval", "--checkpoint", w, "--confusion-png", str(tmp_path / "c.png")]), "is a folder")
+    for layers in ("1,x", "1,,2", "one"):
+        one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(tmp_path / "v"), "--layers", layers]), "--layers")
+    assert not (tmp_path / "v" / "patch_filters.png").exists()  # refused before anything was drawn
+
+
+def test_many_classes_confusion_png(tmp_path):
+    from convmixer.viz import plot_confusion
+    n = 1000  # ImageNet: a bounded picture, cells without names
+    plot_confusion(np.eye(n, dtype=int).tolist(), [f"c{i}" for i in range(n)], tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] < 4000
+
+
+def test_long_thin_images_are_bounded_at_evaluation():
+    from convmixer.data import eval_transform
+    transform = eval_transform(32, 1.0, (0.5,) * 3, (0.5,) * 3)
+    start = time.time()
+    for shape in ((3, 1, 200_000), (3, 200_000, 1), (3, 3, 5000)):  # would become 32 x 6.4M pixels unbounded
+        assert transform(torch.zeros(shape, dtype=torch.uint8)).shape == (3, 32, 32)
+    assert time.time() - start < 10
+    from torchvision.transforms import v2
+    unbounded = v2.Compose(transform.transforms[1:])  # the same steps without crop_long_side
+    wide = torch.randint(0, 256, (3, 20, 400), dtype=torch.uint8)  # 20:1: the bound changes nothing visible
+    assert (transform(wide) - unbounded(wide)).abs().max() < 0.05
+
+
+def test_outputs_are_never_replaced_by_accident(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    w, other = _run_on_folder(tmp_path, capsys)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    one_line(capsys, main(["export", "--checkpoint", w, "--format", "onnx", "--out", w]), ".onnx")  # wrong suffix
+    one_line(capsys, main(["export", "--checkpoint", w, "--format", "safetensors", "--out", w]), "exists", "--overwrite")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    target = str(tmp_path / "m.onnx")
+    assert main(["export", "--checkpoint", w, "--out", target]) == 0
+    one_line(capsys, main(["export", "--checkpoint", w, "--out", target]), "exists")
+    assert main(["export", "--checkpoint", w, "--out", target, "--overwrite"]) == 0
+    image = str(tmp_path / "other" / "test" / "a" / "0.png")
+    assert main(["embed", "--checkpoint", w, image, "--out", str(tmp_path / "e.NPZ")]) == 0
+    assert np.load(tmp_path / "e.NPZ")["embeddings"].shape == (1, 16)
+    one_line(capsys, main(["embed", "--checkpoint", w, image, "--out", str(tmp_path / "e.NPZ")]), "exists")
+    (tmp_path / "d.npz").mkdir()
+    one_line(capsys, main(["embed", "--checkpoint", w, image, "--out", str(tmp_path / "d.npz")]), "is a folder")
+    one_line(capsys, main(["embed", "--checkpoint", w, image, "--out", str(tmp_path / "e.txt")]), ".npz")
+
+
+def test_predict_prints_file_names_that_are_not_utf8(tmp_path, capsys):
+    w, other = _run_on_folder(tmp_path, capsys)
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff\xfe.png")
+    Image.new("RGB", (8, 8)).save(odd)
+    assert main(["predict", "--checkpoint", w, os.fsdecode(odd)]) == 0
+    assert "\\xff\\xfe.png" in capsys.readouterr().out
+
+
+def test_ablate_refuses_a_grid_folder_with_other_settings(tmp_path, fashion_dir, capsys):
+    from convmixer.ablate import parse_grid, run_grid
+    fixed = {k: str(v) for k, v in {**TINY, "data_dir": str(fashion_dir), "epochs": 1, "subset": 200,
+                                    "val_split": 50}.items()}
+    grid = parse_grid(["kernel_size=3"])
+    first = run_grid(None, grid, tmp_path / "abl", fixed, full=True)
+    with pytest.raises(ConfigError, match="epochs=1 \\(now 2\\).*another --out"):
+        run_grid(None, grid, tmp_path / "abl", {**fixed, "epochs": "2"}, full=True)
+    with pytest.raises(ConfigError, match="eval_every=None \\(now 100\\)"):
+        run_grid(None, grid, tmp_path / "abl", fixed)  # the reduced budget is another setting too
+    assert run_grid(None, grid, tmp_path / "abl", fixed, full=True) == first  # the same settings: done before
+
+
+def test_foreign_state_dict_keys_give_one_line():
+    from convmixer.weights import checkpoint_filter_fn
+    t = torch.zeros(1)
+    assert checkpoint_filter_fn({"0.weight": t, "epoch": t})["epoch"] is t  # kept, reported as unexpected later
+    with pytest.raises(WeightsError, match="not a parameter name"):
+        checkpoint_filter_fn({1: t})
