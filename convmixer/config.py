@@ -91,7 +91,8 @@ class TrainConfig:
     knee_at: float = _f(0.8, "onecycle: fraction at which the decline reaches knee_lr (0 = no knee)")
     knee_lr: float = _f(0.05, "onecycle: lr at knee_at as a fraction of lr (the authors' script: 0.05)")
     final_lr: float = _f(0.0, "onecycle / cosine: lr at the end, as a fraction of lr")
-    warmup_epochs: float = _f(0.0, "cosine / constant: linear warm-up epochs")
+    warmup_epochs: float = _f(0.0, "cosine / constant: linear warm-up epochs (with a time_limit, the same fraction "
+                                   "of the run: warmup_epochs / epochs of the time)")
     clip_grad: float = _f(0.0, "gradient-norm clipping; 0 = off (the authors' CIFAR-10 script)")
     label_smoothing: float = _f(0.0, "label smoothing in [0, 1)")
     scale_min: float = _f(1.0, "random-resized-crop scale range (scale_min, 1); 1 = no crop")

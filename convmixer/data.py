@@ -486,6 +486,11 @@ class TransformedImages(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i):
+        if isinstance(i, tuple):  # (index, seed): the augmentation drawn from the image's own seed, so it is the
+            i, seed = i           # same whichever worker draws it and after a resume (training's batches)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self[i]
         if self.data.images is not None:
             return self.transform(self.data.images[i]), self.data.labels[i]
         for attempt in range(1 if self.leave_out else len(self)):
@@ -506,12 +511,21 @@ def readable_batch(items):
     return torch.utils.data.default_collate(items) if items else None
 
 
+def leave_signals_to_the_parent(worker_id: int):
+    """DataLoader workers ignore SIGINT/SIGTERM (a Ctrl-C or a scheduler's stop reaches the whole process
+    group): the training or evaluating process notes them (a trainer checkpoints first) and then shuts its
+    workers down."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def worker_errors_in_one_line(batches):
     """Batches from a DataLoader; a DataError raised in a worker process comes back with the worker's
     whole traceback in its message, and is re-raised with the original one line. However the batches
     end (exhausted, an error, the consumer stopping early), the workers are shut down here and now: a
     traceback held in a reference cycle would otherwise keep them alive until a garbage collection, and
-    since they ignore SIGTERM (train._leave_signals_to_the_trainer), an exiting process would wait for
+    since they ignore SIGTERM (leave_signals_to_the_parent), an exiting process would wait for
     them forever."""
     iterator = iter(batches)
     try:
@@ -536,5 +550,6 @@ def eval_batches(data: ImageData, batch_size: int, transform, workers: int = 0, 
             yield transform(data.images[start:start + batch_size]), data.labels[start:start + batch_size]
         return
     batches = torch.utils.data.DataLoader(TransformedImages(data, transform, skip_bad_images, leave_out=True),
-                                          batch_size=batch_size, num_workers=workers, collate_fn=readable_batch)
+                                          batch_size=batch_size, num_workers=workers, collate_fn=readable_batch,
+                                          worker_init_fn=leave_signals_to_the_parent)
     yield from (batch for batch in worker_errors_in_one_line(batches) if batch is not None)

@@ -435,8 +435,9 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     if pretrained is True and variant is not None and variant.url is None and variant.shipped:
         pretrained = variant.shipped
     kwargs = model_kwargs(name)
-    if shipped_weights(pretrained) is not None:  # shipped weights bring their own architecture
-        kwargs.update(architecture_of(shipped_weights(pretrained)))
+    shipped = shipped_weights(pretrained)
+    if shipped is not None:  # shipped weights bring their own architecture
+        kwargs.update(architecture_of(shipped))
     kwargs.update(overrides)
     model = ConvMixer(**kwargs)
     model.pretrained_cfg = pretrained_cfg(name, model)

@@ -139,9 +139,12 @@ def _variant_preprocessing(model_name: str, model_args: dict) -> dict:
                 img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else TrainConfig.crop_pct)
 
 
-def _check_shapes(args: dict, state: dict, source):
+def check_shapes(args: dict, state: dict, source):
     """The architecture the metadata describes against the tensors actually in the file, before
     anything is built."""
+    from .model import ConvMixer
+    from .weights import checkpoint_filter_fn, describe_mismatch
+    state = checkpoint_filter_fn(state)  # as load_into reads it: a training checkpoint's "model", DDP prefixes
     stem = state.get("stem.0.weight")
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     dw = state.get("blocks.0.0.fn.0.weight")
@@ -154,6 +157,13 @@ def _check_shapes(args: dict, state: dict, source):
     if stem is None or wrong:
         raise WeightsError(f"{source}: its metadata does not match its tensors "
                            f"({'; '.join(wrong) or 'no stem.0.weight'}): the file is corrupt")
+    # then every tensor, against a model built on the meta device (no memory): values each within LIMITS can
+    # still multiply to 100 GB (dim 8192, depth 256, kernel 63), which the file's few tensors must not order
+    with torch.device("meta"):
+        skeleton = ConvMixer(**args)
+    mismatch = describe_mismatch(skeleton, state)
+    if mismatch:
+        raise WeightsError(f"{source}: its metadata does not match its tensors ({mismatch}): the file is corrupt")
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -196,7 +206,7 @@ def load_model(path: str | Path):
         except TrainingError as e:
             raise WeightsError(str(e)) from e
         info, state = RunInfo.from_dict(ckpt, path), ckpt["model"]
-    _check_shapes(info.model_args, state, path)
+    check_shapes(info.model_args, state, path)
     model = ConvMixer(**info.model_args)
     load_into(model, state, strict=True, source=str(path))
     return model.eval(), info

@@ -29,16 +29,17 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, check_resume
 from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image, load_dataset, split_train_val,
-                   eval_transform, train_transform, worker_errors_in_one_line)
+                   eval_transform, leave_signals_to_the_parent, train_transform, worker_errors_in_one_line)
 from .errors import ConfigError, TrainingError
 from .augment import BatchAugment, to_device
 from .evaluate import evaluate
-from .model import ConvMixer, correlated_depthwise, identity_depthwise, model_kwargs, stats_for_channels, whiten_stem
+from .model import (ConvMixer, PointwiseConv2d, correlated_depthwise, identity_depthwise, model_kwargs,
+                    stats_for_channels, whiten_stem)
 from .muon import Muon, Optimizers
-from .run import (RunFolder, RunInfo, append_metrics, load_checkpoint, read_metrics, save_checkpoint,
+from .run import (RunFolder, RunInfo, append_metrics, check_shapes, load_checkpoint, read_metrics, save_checkpoint,
                   save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
-from .weights import load_into, read_metadata, read_state_dict
+from .weights import adapt_stem, checkpoint_filter_fn, load_into, read_metadata, read_state_dict
 
 
 # --- small pure policies ----------------------------------------------------------------------
@@ -270,6 +271,8 @@ def _pretrained(cfg: TrainConfig) -> tuple[Path, RunInfo | None, dict]:
             info = RunInfo.from_dict(load_checkpoint(path), path)
         except TrainingError:
             info = None  # a plain .pt state dict
+    if info is not None:  # the architecture we will build comes from the file: it must be the tensors'
+        check_shapes(info.model_args, read_state_dict(path), path)
     return path, info, _architecture(info.model_args if info else {})
 
 
@@ -367,7 +370,8 @@ def _make_model(cfg: TrainConfig, found: dict, arch: dict, source: Path | None, 
     if fresh:
         _init_depthwise(model, cfg, source)
     if source is not None:
-        skipped = load_into(model, read_state_dict(source), strict=False, source=str(source))
+        state = adapt_stem(checkpoint_filter_fn(read_state_dict(source)), model)  # RGB weights, grey data
+        skipped = load_into(model, state, strict=False, source=str(source))
         if rank == 0:
             print(f"fine-tuning from {source}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))
     model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -381,6 +385,8 @@ def _place(cfg: TrainConfig, model: ConvMixer, device: torch.device, world: int)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if world > 1 and cfg.sync_bn:
+        if device.type != "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only (it failed at the first step)
+            raise ConfigError("sync_bn needs GPU processes, but this run's processes are on the CPU: drop sync_bn")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = None
     if cfg.ema_decay > 0:
@@ -423,8 +429,7 @@ def make_optimizer(cfg: TrainConfig, model: ConvMixer, dtype: torch.dtype | None
     """AdamW; or, with optimizer=muon, Muon on the pointwise (1x1) convolutions and AdamW on the rest (Muon's
     matrix products in bf16 when the run's autocast ``dtype`` is bf16: hardware where they are fast). Weight
     decay on weights only, unless decay_all (the authors' CIFAR-10 script decays every parameter)."""
-    muon = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
-            and m.groups == 1] if cfg.optimizer == "muon" else []
+    muon = [m.weight for m in model.modules() if isinstance(m, PointwiseConv2d)] if cfg.optimizer == "muon" else []
     on_muon = {id(p) for p in muon}
     rest = [p for p in model.parameters() if id(p) not in on_muon]
     adamw = torch.optim.AdamW([{"params": [p for p in rest if p.ndim > 1 or cfg.decay_all], "weight_decay": cfg.weight_decay},
@@ -567,21 +572,18 @@ def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torc
 
 def _loader(run: Run):
     """This epoch's remaining micro-batches. The loader has its own generator: making the iterator
-    must not draw from the global RNG, or a resumed epoch would shift it."""
+    must not draw from the global RNG, or a resumed epoch would shift it. Streamed images are augmented
+    each from a seed of its own (run seed, epoch, index): the same batches with any number of workers,
+    and after a resume."""
     batches = epoch_batches(len(run.train_data), run.cfg, run.epoch, run.world, run.rank)
     if isinstance(run.train_set, BatchAugment):
         return _augmented_batches(run, batches[run.batch * run.cfg.accum_steps:])
+    first = (run.cfg.seed * 100_003 + run.epoch) * 2 ** 32
+    seeded = [[(i, (first + i) % 2 ** 63) for i in batch] for batch in batches[run.batch * run.cfg.accum_steps:]]
     return worker_errors_in_one_line(torch.utils.data.DataLoader(
-        run.train_set, batch_sampler=batches[run.batch * run.cfg.accum_steps:], num_workers=run.cfg.workers,
+        run.train_set, batch_sampler=seeded, num_workers=run.cfg.workers,
         pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed + run.epoch),
-        worker_init_fn=_leave_signals_to_the_trainer))
-
-
-def _leave_signals_to_the_trainer(worker_id: int):
-    """DataLoader workers ignore SIGINT/SIGTERM (a Ctrl-C or a scheduler's stop reaches the whole process
-    group): the training process notes them, checkpoints and then shuts its workers down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        worker_init_fn=leave_signals_to_the_parent))
 
 
 def _augmented_batches(run: Run, batches: list[list[int]]):
@@ -668,7 +670,7 @@ def _validate(run: Run, record: dict) -> bool:
     for suffix, m in [("", run.model)] + ([("_ema", run.ema.module)] if run.ema is not None else []):
         r = evaluate(m, run.val_data, run.info, batch_size=max(256, run.cfg.batch_size), device=run.device,
                      amp=run.dtype, channels_last=run.cfg.channels_last, tta_flip=run.cfg.tta_flip,
-                     tta_shift=run.cfg.tta_shift, skip_bad_images=run.cfg.skip_bad_images)
+                     tta_shift=run.cfg.tta_shift, skip_bad_images=run.cfg.skip_bad_images, workers=run.cfg.workers)
         record.update({f"val_loss{suffix}": r["loss"], f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"]})
     record["eval_seconds"] = time.time() - start
     score = max(record["val_top1"], record.get("val_top1_ema", -1))
@@ -748,10 +750,14 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
         cfg = resumed_config(ckpt, Path(resume), cfg, changes)
     elif cfg is None:
         raise ConfigError("train() needs a config, or resume= a checkpoint")
-    run = build_run(cfg, ckpt, Path(cfg.out), overwrite)
-    time_up = ckpt is not None and bool(cfg.time_limit) and run.elapsed() >= cfg.time_limit * 60  # resumed, spent
-    _announce(run)
+    if ckpt is not None:
+        _refuse_an_earlier_checkpoint(ckpt, Path(resume))
+    caller = _process_settings()  # restored at the end: a program that calls train() keeps its own
+    run = None
     try:
+        run = build_run(cfg, ckpt, Path(cfg.out), overwrite)
+        time_up = ckpt is not None and bool(cfg.time_limit) and run.elapsed() >= cfg.time_limit * 60  # resumed, spent
+        _announce(run)
         with SignalFlag() as stop:
             while run.epoch < cfg.epochs and not time_up:
                 ended = train_epoch(run, stop)
@@ -768,12 +774,40 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                     return _interrupted(run, stop)
             return finish(run, time_up)
     finally:
-        if run.folder is not None:
+        if run is not None and run.folder is not None:
             run.folder.close()
-        if run.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-        if run.writer is not None:
+        if run is not None and run.world > 1 and dist.is_initialized() and not caller["process_group"]:
+            dist.destroy_process_group()  # the group this run made; a caller's own stays
+        if run is not None and run.writer is not None:
             run.writer.close()
+        _process_settings(caller)
+
+
+def _process_settings(restore: dict | None = None) -> dict:
+    """The process-wide switches a run sets (deterministic algorithms, cuDNN autotuning, TF32), and whether a
+    process group existed before it; with ``restore``, put the switches back as they were."""
+    if restore is not None:
+        torch.use_deterministic_algorithms(restore["deterministic"], warn_only=restore["warn_only"])
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
+            restore["cuda"]
+        return restore
+    return {"deterministic": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cuda": (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32),
+            "process_group": dist.is_available() and dist.is_initialized()}
+
+
+def _refuse_an_earlier_checkpoint(ckpt: dict, resume: Path) -> None:
+    """Resuming writes the run's folder from the checkpoint's epoch on: from an earlier checkpoint than the
+    folder's last epoch (epoch_0004.pt of a run at epoch 9) it would cut the later metrics and replace
+    last.pt and best.safetensors. That is refused; the earlier checkpoint resumes in a folder of its own."""
+    done = [r.get("epoch", 0) for r in read_metrics(resume.parent)] if (resume.parent / "metrics.jsonl").is_file() else []
+    if done and max(done) > ckpt["epoch"]:
+        branch = resume.parent.with_name(f"{resume.parent.name}_from_{resume.stem}")
+        raise ConfigError(f"{resume} is at epoch {ckpt['epoch']} but its run went on to epoch {max(done)}: resuming it "
+                          f"there would replace the later epochs. Resume a copy in a new folder: mkdir {branch} && "
+                          f"cp {resume} {branch}/ && convmixer train --resume {branch / resume.name}")
 
 
 def resumed_config(ckpt: dict, resume: Path, cfg: TrainConfig | None = None,

@@ -163,6 +163,23 @@ def describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     return "; ".join(parts)
 
 
+def adapt_stem(state_dict: dict, model: torch.nn.Module) -> dict:
+    """``state_dict`` with its patch-embedding weight (h x C x p x p) made for the model's number of input
+    channels, as timm adapts a pretrained first convolution: summed over C for one channel, else tiled and
+    scaled by C / channels (RGB weights for grayscale images and back). Anything else is left as it is."""
+    weight, own = state_dict.get("stem.0.weight"), model.state_dict().get("stem.0.weight")
+    if not (isinstance(weight, torch.Tensor) and own is not None and weight.ndim == 4 and weight.is_floating_point()
+            and weight.shape[1] != own.shape[1] and weight.shape[::2] == own.shape[::2]
+            and weight.shape[-1] == own.shape[-1]):
+        return state_dict
+    channels, wanted = weight.shape[1], own.shape[1]
+    if wanted == 1:
+        adapted = weight.sum(1, keepdim=True)
+    else:
+        adapted = weight.repeat(1, -(-wanted // channels), 1, 1)[:, :wanted] * (channels / wanted)
+    return {**state_dict, "stem.0.weight": adapted}
+
+
 def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, source: str = "weights") -> list[str]:
     """Load with a message that names what does not match; returns the names left as initialised.
     ``strict=False`` is for fine-tuning: only the classifier (``head.*``) and, for another number of
@@ -247,7 +264,7 @@ def load_pretrained(model: torch.nn.Module, source, variant=None) -> None:
         if variant is None or variant.url is None:
             raise WeightsError(f"no released weights for {source!r}; pass pretrained='path/to/weights'")
         path = download(variant.url)
-    state_dict = checkpoint_filter_fn(read_state_dict(path))
+    state_dict = adapt_stem(checkpoint_filter_fn(read_state_dict(path)), model)
     head_rows = state_dict.get("head.weight")
     if head_rows is not None and getattr(model, "num_classes", None) not in (None, head_rows.shape[0]):
         load_into(model, state_dict, strict=False, source=str(path))  # new classifier for fine-tuning

@@ -579,3 +579,56 @@ def test_foreign_state_dict_keys_give_one_line():
     assert checkpoint_filter_fn({"0.weight": t, "epoch": t})["epoch"] is t  # kept, reported as unexpected later
     with pytest.raises(WeightsError, match="not a parameter name"):
         checkpoint_filter_fn({1: t})
+
+
+def test_metadata_whose_values_multiply_to_a_huge_model_is_refused_without_building(tmp_path):
+    from safetensors.torch import save_file
+    from convmixer.run import RunInfo
+    args = dict(dim=8192, depth=256, kernel_size=63, patch_size=1, in_chans=1, num_classes=3)  # each in range
+    tensors = {"stem.0.weight": torch.zeros(8192, 1, 1, 1), "blocks.0.0.fn.0.weight": torch.zeros(0, 1, 63, 63)}
+    tensors.update({f"blocks.{i}.1.weight": torch.zeros(1) for i in range(1, 256)})  # 256 blocks, 33 KB in all
+    info = RunInfo(model_args=args, classes=["a", "b", "c"], mean=[0.5], std=[0.2], img_size=16, crop_pct=1.0)
+    save_file(tensors, str(tmp_path / "big.safetensors"), metadata=info.to_metadata())
+    start = time.time()
+    with pytest.raises(WeightsError, match="does not match its tensors"):  # 100 GB of parameters otherwise
+        load_model(tmp_path / "big.safetensors")
+    with pytest.raises(WeightsError, match="does not match its tensors"):
+        train(make_config(None, {**TINY, "data_dir": "unused", "pretrained": str(tmp_path / "big.safetensors"),
+                                 "out": str(tmp_path / "run")}))
+    assert time.time() - start < 10 and not (tmp_path / "run").exists()
+
+
+def test_resuming_an_earlier_epoch_checkpoint_never_cuts_the_run(tmp_path, fashion_dir, capsys):
+    run = tmp_path / "run"
+    train(make_config(None, {**TINY, "data_dir": str(fashion_dir), "out": str(run), "epochs": 3, "save_every": 1}))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="epoch 1 but its run went on to epoch 3.*mkdir") as refused:
+        train(resume=run / "epoch_0001.pt", changes={"epochs": 4})
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name in before} == before
+    branch = tmp_path / "run_from_epoch_0001"  # what the message says to do
+    assert str(branch) in str(refused.value)
+    branch.mkdir()
+    (branch / "epoch_0001.pt").write_bytes(before["epoch_0001.pt"])
+    train(resume=branch / "epoch_0001.pt")
+    assert [json.loads(line)["epoch"] for line in (branch / "metrics.jsonl").read_text().splitlines()][-2:] == [2, 3]
+
+
+def test_train_leaves_the_callers_process_settings(tmp_path, fashion_dir):
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(make_config(None, {**TINY, "data_dir": str(fashion_dir), "out": str(tmp_path / "run"), "epochs": 1,
+                             "deterministic": True}))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_pretrained_weights_for_another_channel_count_are_adapted_not_dropped():
+    import convmixer
+    rgb = convmixer.create_model("convmixer_256_8", pretrained="cifar10")
+    grey = convmixer.create_model("convmixer_256_8", pretrained="cifar10", in_chans=1)  # refused before
+    assert torch.allclose(grey.stem[0].weight, rgb.stem[0].weight.sum(1, keepdim=True))
+    grey10 = convmixer.create_model("convmixer_256_8", pretrained="cifar10", in_chans=1, num_classes=4)
+    assert torch.allclose(grey10.stem[0].weight, grey.stem[0].weight)  # left random before
+    fm = convmixer.create_model("convmixer_256_8", pretrained="fashion_mnist")
+    four = convmixer.create_model("convmixer_256_8", pretrained="fashion_mnist", in_chans=4)
+    assert torch.allclose(four.stem[0].weight, fm.stem[0].weight.repeat(1, 4, 1, 1) / 4)
+    x = torch.rand(2, 1, 28, 28)  # a grey image as 4 equal channels gives the same patch embedding
+    assert torch.allclose(four.stem[0](x.repeat(1, 4, 1, 1)), fm.stem[0](x), atol=1e-5)

@@ -275,3 +275,17 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
     assert "image folder not found" in capsys.readouterr().err and not out.exists()
     assert main(["train", "--out", ""]) == 2
     assert "out is empty" in capsys.readouterr().err
+
+
+def test_streamed_images_are_augmented_the_same_with_any_number_of_workers(tmp_path, folder_dir):
+    """Each streamed image draws its augmentation from its own seed (run seed, epoch, index), so neither the
+    worker that loads it nor a resume (which hands the remaining batches to fresh workers) changes it."""
+    from safetensors.torch import load_file
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train(make_config(None, {**TINY, "dataset": "imagefolder", "data_dir": str(folder_dir), "cache": False,
+                                 "translate": 2, "hflip": 0.5, "randaugment_n": 1, "epochs": 2,
+                                 "workers": workers, "out": str(out)}))
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -133,6 +133,10 @@ def test_muon_orthogonalizes_and_steps_only_the_pointwise_filters(tmp_path, fash
     with pytest.raises(ValueError, match="optimizer= differs"):
         opt.load_state_dict(adamw.state_dict())
     assert isinstance(make_optimizer(tiny_config(tmp_path, fashion_dir), model), torch.optim.AdamW)
+    p1 = create_model("convmixer_256_8", dim=16, depth=2, kernel_size=3, patch_size=1, num_classes=10)
+    muon = make_optimizer(tiny_config(tmp_path, fashion_dir, optimizer="muon"), p1).optimizers[1]
+    on_muon = [p for g in muon.param_groups for p in g["params"]]
+    assert len(on_muon) == 2 and not any(p is p1.stem[0].weight for p in on_muon)  # a 1x1 stem (p=1) stays on AdamW
 
 
 def test_config_errors():
