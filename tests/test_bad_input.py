@@ -632,3 +632,16 @@ def test_pretrained_weights_for_another_channel_count_are_adapted_not_dropped():
     assert torch.allclose(four.stem[0].weight, fm.stem[0].weight.repeat(1, 4, 1, 1) / 4)
     x = torch.rand(2, 1, 28, 28)  # a grey image as 4 equal channels gives the same patch embedding
     assert torch.allclose(four.stem[0](x.repeat(1, 4, 1, 1)), fm.stem[0](x), atol=1e-5)
+
+
+def test_viz_keeps_runs_of_the_same_name_apart(tmp_path, monkeypatch, capsys):
+    import convmixer.viz as viz
+    line = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "lr": 0.01}
+    for parent in ("a", "b"):
+        (tmp_path / parent / "x").mkdir(parents=True)
+        (tmp_path / parent / "x" / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    drawn = {}
+    monkeypatch.setattr(viz, "plot_curves", lambda runs, path: drawn.update(runs))
+    runs = [str(tmp_path / "a" / "x"), str(tmp_path / "b" / "x")]
+    assert main(["viz", "--out", str(tmp_path / "v"), "--runs", *runs]) == 0
+    assert sorted(drawn) == runs  # both drawn (one replaced the other before), named by their paths
