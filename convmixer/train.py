@@ -774,23 +774,25 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                     return _interrupted(run, stop)
             return finish(run, time_up)
     finally:
-        if run is not None and run.folder is not None:
-            run.folder.close()
-        if run is not None and run.world > 1 and dist.is_initialized() and not caller["process_group"]:
-            dist.destroy_process_group()  # the group this run made; a caller's own stays
-        if run is not None and run.writer is not None:
-            run.writer.close()
-        _process_settings(caller)
+        if run is not None:
+            if run.folder is not None:
+                run.folder.close()
+            if run.world > 1 and dist.is_initialized() and not caller["process_group"]:
+                dist.destroy_process_group()  # the group this run made; a caller's own stays
+            if run.writer is not None:
+                run.writer.close()
+        _restore_process_settings(caller)
 
 
-def _process_settings(restore: dict | None = None) -> dict:
+def _restore_process_settings(saved: dict) -> None:
+    torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["warn_only"])
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
+        saved["cuda"]
+
+
+def _process_settings() -> dict:
     """The process-wide switches a run sets (deterministic algorithms, cuDNN autotuning, TF32), and whether a
-    process group existed before it; with ``restore``, put the switches back as they were."""
-    if restore is not None:
-        torch.use_deterministic_algorithms(restore["deterministic"], warn_only=restore["warn_only"])
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
-            restore["cuda"]
-        return restore
+    process group existed before it (_restore_process_settings puts the switches back)."""
     return {"deterministic": torch.are_deterministic_algorithms_enabled(),
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "cuda": (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
