@@ -150,7 +150,7 @@ def cmd_eval(args):
     from .config import RANGES, check_range
     from .evaluate import evaluate, load_eval_data
     from .run import load_model
-    from .runtime import amp_dtype
+    from .runtime import amp_dtype, pick_device
     check_range("--batch-size", args.batch_size, 1, 4096)
     check_range("--workers", args.workers, *RANGES["workers"][:2])
     if args.confusion_png:  # a name matplotlib cannot write is found now, not after the evaluation
@@ -159,7 +159,7 @@ def cmd_eval(args):
     model, info = load_model(args.checkpoint)
     data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                           args.skip_bad_images)
-    device = _device(args.device)
+    device = pick_device(args.device)
     model.to(device).to(memory_format=torch.channels_last)
     amp = None if args.fp32 else amp_dtype("auto", device)
     result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
@@ -184,21 +184,6 @@ def cmd_eval(args):
         for name, row in zip(info.classes, result["confusion"]):
             print(f"  {name:<{width}} " + " ".join(f"{v:>5d}" for v in row))
     return 0
-
-
-def _device(name: str | None):
-    import torch
-
-    from .errors import ConfigError
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"--device {name} asks for a GPU this machine does not have: use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def cmd_embed(args):

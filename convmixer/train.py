@@ -249,7 +249,7 @@ def resolve_val_split(cfg: TrainConfig) -> TrainConfig:
         return cfg
     if cfg.dataset != "imagefolder":
         return dataclasses.replace(cfg, val_split=5000)
-    own = any((Path(cfg.data_dir) / s).is_dir() for s in ("val", "test"))
+    own = any((Path(cfg.data_dir).expanduser() / s).is_dir() for s in ("val", "test"))
     return dataclasses.replace(cfg, val_split=0 if own else 0.1)
 
 
@@ -569,8 +569,8 @@ def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torc
     """Decoded images are augmented a whole batch at a time, on the training device, where they are moved
     once; files are decoded and augmented image by image in DataLoader workers."""
     if data.images is not None:
-        if device.type == "cuda":
-            data.images = data.images.to(device)
+        if device.type == "cuda" and data.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+            data.images = data.images.to(device)  # else batches are cut on the CPU and moved one by one
         return BatchAugment(cfg, info.img_size, info.mean, info.std, len(data))
     for key, off in (("hflip_alternate", False), ("randaugment_from", 0.0)):
         if getattr(cfg, key) != off:

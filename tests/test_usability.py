@@ -129,8 +129,8 @@ def test_small_conveniences(tmp_path, monkeypatch, capsys):
     assert "convmixer_256_8_ks9_p1" in listed and "convmixer_768_32" not in listed
     monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "images-abc.safetensors").write_bytes(b"x" * 2048)
-    assert main(["cache"]) == 0 and "images-abc.safetensors" in capsys.readouterr().out
+    (tmp_path / "cache" / "images-0123456789abcdef0123.safetensors").write_bytes(b"x" * 2048)
+    assert main(["cache"]) == 0 and "images-0123456789abcdef0123.safetensors" in capsys.readouterr().out
     assert main(["cache", "--clear"]) == 0 and not list((tmp_path / "cache").iterdir())
     # a failed download leaves no empty folder behind
     import torchvision.datasets as tvd
