@@ -5,6 +5,7 @@ GFLOP/s against a matmul peak measured in the same run."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -244,7 +245,6 @@ def _check_training_memory(model_name, img_size, batch_size, device):
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:
-        import os
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
         raise ConfigError(f"a training step of {model_name} at batch {batch_size} and {img_size} px keeps about "

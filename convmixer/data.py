@@ -151,7 +151,7 @@ def _find_idx(root: Path, fashion: bool, stem: str) -> Path:
     """The IDX file ``stem`` (or ``stem.gz``) in torchvision's layout or a folder named after the set; the
     two sets share their file names, so ``root`` itself is searched only when its name is not the other set's."""
     name = root.name.lower()
-    other = "mnist" in name and "fashion" not in name if fashion else "fashion" in name
+    other = name.startswith("mnist") if fashion else "fashion" in name or name.startswith("fmnist")
     folders = ("FashionMNIST", "fashionmnist", "fashion-mnist", "fashion_mnist") if fashion else ("MNIST", "mnist")
     for base in [root / folders[0] / "raw", *(root / f for f in folders), *([] if other else [root])]:
         for name in (stem, stem + ".gz"):
