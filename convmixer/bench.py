@@ -280,8 +280,8 @@ def _measure(cands, model_name, img_size, batch_size, infer_batch_size, steps, w
 
 
 def _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size) -> list[dict]:
-    """One result row per candidate (medians, GFLOP/s, share of the matmul peak), with its ratio to timm's row
-    (or to the last row without timm)."""
+    """One result row per candidate (medians, GFLOP/s, share of the matmul peak), with its ratio to the baseline
+    row (timm eager fp32, or plain PyTorch fp32 without timm)."""
     rows = []
     for c in cands:
         train_s, infer_s = statistics.median(c.train_times), statistics.median(c.infer_times)

@@ -232,8 +232,8 @@ def coerce(key: str, value):
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None or (optional and (value is False or  # "pretrained: false" in YAML: none
-                                       isinstance(value, str) and value.lower() in ("none", "null", ""))):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")) or (
+            key == "pretrained" and value is False):  # "pretrained: false" in YAML: none
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty")

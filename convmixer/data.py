@@ -151,7 +151,8 @@ def _find_idx(root: Path, fashion: bool, stem: str) -> Path:
     """The IDX file ``stem`` (or ``stem.gz``) in torchvision's layout or a folder named after the set; the
     two sets share their file names, so ``root`` itself is searched only when its name is not the other set's."""
     name = root.name.lower()
-    other = name.startswith("mnist") if fashion else "fashion" in name or name.startswith("fmnist")
+    fashion_name = "fashion" in name or name.startswith("fmnist")
+    other = name.startswith("mnist") and not fashion_name if fashion else fashion_name
     folders = ("FashionMNIST", "fashionmnist", "fashion-mnist", "fashion_mnist") if fashion else ("MNIST", "mnist")
     for base in [root / folders[0] / "raw", *(root / f for f in folders), *([] if other else [root])]:
         for name in (stem, stem + ".gz"):
@@ -244,15 +245,18 @@ def _upright(im):
     stored sideways) applied; a damaged EXIF block leaves the pixels as stored."""
     from PIL import ImageOps
     try:
+        if im.getexif().get(0x0112, 1) == 1:  # upright already (exif_transpose would copy the pixels anyway)
+            return im
         return ImageOps.exif_transpose(im)
     except Exception:  # Pillow raises many kinds of errors on malformed EXIF; orientation is only a hint
         return im
 
 
 # --- data sets by name ---------------------------------------------------------------------------
-# what the cache makes (decoded image sets, unpacked archives, and temporaries a killed write left): the only
-# names `convmixer cache` lists and --clear deletes, whatever else the folder holds
-CACHE_NAMES = re.compile(r"\.?(images-[0-9a-f]{20}\.safetensors|[^/]+-[0-9a-f]{16})(\.[A-Za-z0-9_]+(\.tmp)?)?")
+# what the cache makes, and the temporaries a killed write leaves: the only names `convmixer cache` lists and
+# --clear deletes, whatever else the folder holds (decoded image sets are files, unpacked archives folders)
+CACHE_FILES = re.compile(r"\.?images-[0-9a-f]{20}\.safetensors(\.[A-Za-z0-9_]+\.tmp)?")
+CACHE_FOLDERS = re.compile(r"\.?[^/]+-[0-9a-f]{16}(\.[A-Za-z0-9_]+)?")
 
 
 def cache_dir() -> Path:
@@ -272,7 +276,8 @@ def cache_entries() -> list[tuple[Path, int]]:
     if not root.is_dir():
         return []
     sizes = lambda p: p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return [(p, sizes(p)) for p in sorted(root.iterdir()) if CACHE_NAMES.fullmatch(p.name) and not p.is_symlink()]
+    ours = lambda p: not p.is_symlink() and (CACHE_FILES if p.is_file() else CACHE_FOLDERS).fullmatch(p.name)
+    return [(p, sizes(p)) for p in sorted(root.iterdir()) if ours(p)]
 
 
 def clear_cache() -> int:
@@ -294,11 +299,13 @@ class MixedSizes(DataError):
 
 
 def cache_budget() -> int:
-    """The most bytes of decoded images held in memory (a quarter of this machine's); larger folders stream."""
+    """The most bytes of decoded images one process holds in memory: a quarter of this machine's, shared by
+    the processes torchrun started on it (each holds its own copy); larger folders stream."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):  # not Linux/POSIX: a conservative 4 GiB
-        return 4 << 30
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not Linux/POSIX: a conservative 16 GiB
+        memory = 16 << 30
+    return memory // 4 // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
 
 
 def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, progress: bool = True) -> ImageData:

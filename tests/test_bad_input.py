@@ -141,7 +141,7 @@ def test_idx_with_impossible_header_or_labels(fashion_dir):
         load_dataset("fashion_mnist", fashion_dir, train=False)
     _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", 2, 2, 2),
                b"\0" * 9)  # longer than its header says
-    with pytest.raises(DataError, match="t10k-images.*17\\+ bytes but its header promises 16"):
+    with pytest.raises(DataError, match="t10k-images.*25\\+ bytes but its header promises 24"):
         load_dataset("fashion_mnist", fashion_dir, train=False)
     _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 0), b"")
     with pytest.raises(DataError, match="impossible IDX header"):
@@ -214,7 +214,7 @@ def test_a_folder_is_decoded_only_when_its_images_share_one_size(tmp_path, monke
     root = _folder(tmp_path / "data", n=4, size=8)
     Image.new("RGB", (12, 10)).save(root / "b" / "9.png")  # sorts last: the first image alone decided
     data = load_dataset("imagefolder", root, img_size=8, progress=False)
-    assert data.images is None and len(data.files) == 9  # it was decoded, 9.png squashed to 8 x 8
+    assert data.images is None and len(data.files) == 9  # streamed (it was decoded, with 9.png squashed to 8 x 8)
     assert "streaming the images from disk" in capsys.readouterr().err
     with pytest.raises(DataError, match=r"9.png is \(10, 12\).*pass --img-size"):
         load_dataset("imagefolder", root, progress=False)
@@ -368,6 +368,7 @@ def test_cache_clear_deletes_only_what_the_cache_made(tmp_path, monkeypatch, cap
     work = tmp_path / "project"
     (work / ".git").mkdir(parents=True)
     (work / "notes.txt").write_text("mine")
+    (work / "photo-0123456789abcdef.jpg").write_text("mine too")  # named like an unpacked archive, but a file
     monkeypatch.chdir(work)
     monkeypatch.setenv("CONVMIXER_CACHE", "")  # an unset variable expanded: it was the current folder
     one_line(capsys, main(["cache", "--clear"]), "CONVMIXER_CACHE is set but empty")
@@ -379,7 +380,7 @@ def test_cache_clear_deletes_only_what_the_cache_made(tmp_path, monkeypatch, cap
     (ours[2] / "train").mkdir(parents=True)
     assert main(["cache", "--clear"]) == 0
     assert not any(p.exists() for p in ours)
-    assert sorted(p.name for p in work.iterdir()) == [".git", "notes.txt"]
+    assert sorted(p.name for p in work.iterdir()) == [".git", "notes.txt", "photo-0123456789abcdef.jpg"]
 
 
 # --- weights and metadata --------------------------------------------------------------------------

@@ -253,7 +253,7 @@ def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(t
     monkeypatch.setattr(convmixer.weights, "torch_load_safely", lambda *a: reads.append(a) or read(*a))
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data), "--pretrained", str(out), "--epochs",
                  "1", "--batch-size", "6", "--no-progress", "--out", str(tmp_path / "again")]) == 0
-    assert len(reads) == 1  # last.pt is read once (it was read three times: RunInfo, shape check, weights)
+    assert len(reads) == 1  # last.pt is read once (it was read for its RunInfo, the shape check and the weights)
     assert convmixer.load_model(tmp_path / "again")[0].patch_size == 4
 
 
