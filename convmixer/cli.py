@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("cache", help="show (or --clear) the cache of decoded images and unpacked archives")
-    p.add_argument("--clear", action="store_true", help="delete everything in it (it is rebuilt when needed)")
+    p.add_argument("--clear", action="store_true", help="delete what the cache made (it is rebuilt when needed); other files in its folder stay")
     p.set_defaults(func=cmd_cache)
 
     for name in ("bench", "export", "viz", "ablate"):
