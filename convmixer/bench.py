@@ -5,6 +5,7 @@ GFLOP/s against a matmul peak measured in the same run."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -13,9 +14,10 @@ import time
 import torch
 import torch.nn as nn
 
+from .errors import ConfigError
 from .fastops import set_allocator_tuned, trim_allocator
 from .model import VARIANTS, create_model, flops_per_image
-from .runtime import amp_dtype, peak_resident_mib, resident_mib
+from .runtime import amp_dtype, peak_resident_mib, pick_device, resident_mib
 
 
 def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):
@@ -124,13 +126,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+DEFAULT = "convmixer (default)"
+BASELINES = ("timm eager fp32", "plain PyTorch fp32")  # the ratios' baseline: the first one measured
+
+
 def candidates(model_name: str, device: torch.device, include_timm: bool = True) -> list[Candidate]:
     v = VARIANTS[model_name]
     kwargs = dict(dim=v.dim, depth=v.depth, kernel_size=v.kernel_size, patch_size=v.patch_size,
                   num_classes=v.num_classes)
     act = nn.ReLU if v.act_layer == "relu" else nn.GELU
     fast_dtype = amp_dtype("auto", device)
-    out = [Candidate("convmixer (default)", lambda: create_model(model_name), amp=fast_dtype, channels_last=True,
+    out = [Candidate(DEFAULT, lambda: create_model(model_name), amp=fast_dtype, channels_last=True,
                      allocator=True)]
     if include_timm:
         try:
@@ -173,16 +179,27 @@ def _without_fast_backward(model: nn.Module) -> nn.Module:
 def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, infer_batch_size=256,
                   steps=10, warmup=3, device=None, include_timm=True, extra=(), with_breakdown=False,
                   with_compile=False) -> dict:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    img_size = _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmup)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = pick_device(device)
+    img_size = _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmup, device)
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    try:  # the caller's random state and cuDNN setting are theirs again afterwards
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.backends.cudnn.benchmark = device.type == "cuda"
+            return _benchmark(model_name, img_size, batch_size, infer_batch_size, steps, warmup, device,
+                              include_timm, extra, with_breakdown, with_compile)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _benchmark(model_name, img_size, batch_size, infer_batch_size, steps, warmup, device, include_timm, extra,
+               with_breakdown, with_compile) -> dict:
     cands = candidates(model_name, device, include_timm) + list(extra)
     if with_breakdown:
         cands += breakdown(model_name, device)
-    if with_compile:
+    if with_compile:  # ours, and timm as its best user would run it (our autocast and layout)
         cands += [Candidate(c.name + " compiled", c.build, amp=c.amp, channels_last=c.channels_last,
-                            allocator=c.allocator, compile=True) for c in list(cands[:3])]
+                            allocator=c.allocator, compile=True) for c in list(cands)
+                  if c.name == DEFAULT or c.name.startswith("timm") and c.channels_last]
     for c in cands:
         c.prepare(device)
     peak_memory = _measure(cands, model_name, img_size, batch_size, infer_batch_size, steps, warmup, device)
@@ -194,7 +211,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
         if amp_dtype("auto", device) == torch.bfloat16:  # without bf16 hardware its matmul is emulated: minutes
             peaks["bf16"] = matmul_peak(torch.bfloat16)
     rows = _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return dict(model=model_name, img_size=img_size, batch_size=batch_size, infer_batch_size=infer_batch_size,
                 steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
                 gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
@@ -203,7 +220,7 @@ def run_benchmark(model_name="convmixer_256_8", img_size=None, batch_size=128, i
                 process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=rows)
 
 
-def _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmup) -> int:
+def _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmup, device) -> int:
     """One-line errors for bad benchmark settings; returns the image size (the variant's when not given)."""
     if model_name not in VARIANTS:
         from .model import model_kwargs
@@ -216,7 +233,23 @@ def _check_args(model_name, img_size, batch_size, infer_batch_size, steps, warmu
     check_range("--warmup", warmup, 0, 100_000)
     img_size = img_size or VARIANTS[model_name].input_size
     check_batch_bytes(max(batch_size, infer_batch_size), 3, img_size)
+    _check_training_memory(model_name, img_size, batch_size, device)
     return img_size
+
+
+def _check_training_memory(model_name, img_size, batch_size, device):
+    """A training step keeps about six block-sized float tensors per block for the backward pass: a batch
+    whose estimate exceeds the device's whole memory is refused, not left to the out-of-memory killer."""
+    v = VARIANTS[model_name]
+    need = 6 * 4 * batch_size * v.depth * v.dim * max(img_size // v.patch_size, 1) ** 2
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ConfigError(f"a training step of {model_name} at batch {batch_size} and {img_size} px keeps about "
+                          f"{need / 2 ** 30:.0f} GiB of activations, more than the {have / 2 ** 30:.0f} GiB of "
+                          f"{device.type.upper()} memory here: lower --batch-size or --img-size")
 
 
 def _measure(cands, model_name, img_size, batch_size, infer_batch_size, steps, warmup, device) -> dict:
@@ -247,8 +280,8 @@ def _measure(cands, model_name, img_size, batch_size, infer_batch_size, steps, w
 
 
 def _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size) -> list[dict]:
-    """One result row per candidate (medians, GFLOP/s, share of the matmul peak), with its ratio to timm's row
-    (or to the last row without timm)."""
+    """One result row per candidate (medians, GFLOP/s, share of the matmul peak), with its ratio to the baseline
+    row (timm eager fp32, or plain PyTorch fp32 without timm)."""
     rows = []
     for c in cands:
         train_s, infer_s = statistics.median(c.train_times), statistics.median(c.infer_times)
@@ -266,7 +299,7 @@ def _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size) -> list
             row["train_share_of_peak"] = row["train_gflops"] / peak
             row["infer_share_of_peak"] = row["infer_gflops"] / peak
         rows.append(row)
-    base = next((r for r in rows if r["name"].startswith("timm")), rows[-1])
+    base = next(r for r in rows if r["name"] in BASELINES)  # timm eager when timm is there, else plain PyTorch
     for r in rows:
         r["train_ratio_vs_" + base["name"].split()[0]] = r["train_images_per_second"] / base["train_images_per_second"]
         r["infer_ratio_vs_" + base["name"].split()[0]] = r["infer_images_per_second"] / base["infer_images_per_second"]

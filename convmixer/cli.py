@@ -150,7 +150,7 @@ def cmd_eval(args):
     from .config import RANGES, check_range
     from .evaluate import evaluate, load_eval_data
     from .run import load_model
-    from .runtime import amp_dtype
+    from .runtime import amp_dtype, pick_device
     check_range("--batch-size", args.batch_size, 1, 4096)
     check_range("--workers", args.workers, *RANGES["workers"][:2])
     if args.confusion_png:  # a name matplotlib cannot write is found now, not after the evaluation
@@ -159,7 +159,7 @@ def cmd_eval(args):
     model, info = load_model(args.checkpoint)
     data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                           args.skip_bad_images)
-    device = _device(args.device)
+    device = pick_device(args.device)
     model.to(device).to(memory_format=torch.channels_last)
     amp = None if args.fp32 else amp_dtype("auto", device)
     result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
@@ -184,21 +184,6 @@ def cmd_eval(args):
         for name, row in zip(info.classes, result["confusion"]):
             print(f"  {name:<{width}} " + " ".join(f"{v:>5d}" for v in row))
     return 0
-
-
-def _device(name: str | None):
-    import torch
-
-    from .errors import ConfigError
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"--device {name} asks for a GPU this machine does not have: use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def cmd_embed(args):
@@ -298,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("cache", help="show (or --clear) the cache of decoded images and unpacked archives")
-    p.add_argument("--clear", action="store_true", help="delete everything in it (it is rebuilt when needed)")
+    p.add_argument("--clear", action="store_true", help="delete what the cache made (it is rebuilt when needed); other files in its folder stay")
     p.set_defaults(func=cmd_cache)
 
     for name in ("bench", "export", "viz", "ablate"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,13 +223,17 @@ def _field_types() -> dict:
     return typing.get_type_hints(TrainConfig)
 
 
+PATHS = ("data_dir", "out", "pretrained")  # "~/data" in a config file (or --data-dir=~/data) is the home folder's
+
+
 def coerce(key: str, value):
     """Turn a YAML/TOML/command-line value into the field's type, or raise ConfigError."""
     hint = _field_types()[key]
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")) or (
+            key == "pretrained" and value is False):  # "pretrained: false" in YAML: none
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty")
@@ -258,7 +263,7 @@ def coerce(key: str, value):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        return str(value)
+        return os.path.expanduser(str(value)) if key in PATHS else str(value)
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}={str(value)[:60]!r} is not a valid {base.__name__}") from None
 
@@ -311,11 +316,18 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 def _load_yaml(text: str):
-    """YAML without aliases (a few bytes of nested aliases expand to gigabytes) and without
-    duplicate keys (the later one would silently win)."""
+    """YAML without aliases (a few bytes of nested aliases expand to gigabytes), without duplicate keys
+    (the later one would silently win), and with YAML 1.2's booleans: ``amp: off`` is the word off (YAML 1.1
+    read it as false), as are yes/no/on; ``coerce`` still reads them as booleans for on/off settings."""
+    import re
+
     import yaml
 
     class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
                 raise ConfigError("uses a YAML alias (*name); a config needs none: write the values out")
@@ -327,6 +339,8 @@ def _load_yaml(text: str):
             if dupes:
                 raise ConfigError(f"sets {', '.join(dupes)} more than once: keep one")
             return super().construct_mapping(node, deep=deep)
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
     return yaml.load(text, Loader=Loader) or {}
 
 

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import pickle
+import re
 import struct
 import sys
 import tarfile
@@ -99,8 +100,14 @@ def read_cifar(root: Path, train: bool, hundred: bool) -> ImageData:
     folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
     if hundred:
         images, labels = _read_cifar_batch(folder / ("train" if train else "test"), "fine_labels")
-        with open(folder / "meta", "rb") as f:
-            classes = _ArrayUnpickler(f, encoding="latin1").load()["fine_label_names"]
+        try:
+            with open(folder / "meta", "rb") as f:
+                classes = _ArrayUnpickler(f, encoding="latin1").load()["fine_label_names"]
+        except FileNotFoundError:
+            raise DataError(f"missing CIFAR file {folder / 'meta'}: download CIFAR-100 again") from None
+        except Exception as e:  # truncated, another pickle, or one that names other objects
+            raise DataError(f"{folder / 'meta'} is not CIFAR-100's class list ({type(e).__name__}: {e}): download "
+                            f"CIFAR-100 again") from None
     else:
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
         parts = [_read_cifar_batch(folder / n, "labels") for n in names]
@@ -111,28 +118,43 @@ def read_cifar(root: Path, train: bool, hundred: bool) -> ImageData:
     return ImageData(_check_labels(labels, classes, folder), list(classes), images=images)
 
 
+MAX_IDX_BYTES = 1 << 30  # what an IDX header may promise (MNIST's largest file holds 47 MB)
+
+
 def _read_idx(path: Path) -> torch.Tensor:
+    """An unsigned-byte IDX file (.gz or not): the header is checked before its data is read, so a damaged
+    or crafted file cannot make us decompress or allocate more than the header promises (and that is bounded)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\0\0\x08":
+                raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+            ndim = head[3]
+            dims_raw = f.read(4 * ndim)
+            if not 1 <= ndim <= 4 or len(dims_raw) < 4 * ndim:
+                raise DataError(f"{path} has an impossible IDX header ({ndim} dimensions): the file is corrupt")
+            dims = struct.unpack(f">{ndim}I", dims_raw)
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"{path}: its header promises {size} bytes of images ({dims}): the file is corrupt")
+            raw = f.read(size + 1)  # one byte more tells a file longer than its header says
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path} cannot be read ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path} has an impossible IDX header ({ndim} dimensions): the file is corrupt")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    expected = 4 + 4 * ndim + math.prod(dims)
-    if len(raw) != expected:
-        raise DataError(f"{path} has {len(raw)} bytes but its header promises {expected}: the file is truncated "
-                        f"or corrupt, download it again")
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+    if len(raw) != size:
+        raise DataError(f"{path} has {4 + 4 * ndim + len(raw)}{'+' if len(raw) > size else ''} bytes but its header "
+                        f"promises {4 + 4 * ndim + size}: the file is truncated or corrupt, download it again")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*dims)
 
 
-def _find_idx(root: Path, folder: str, stem: str) -> Path:
-    for base in (root / folder / "raw", root / folder, root / folder.lower(), root / "fashion-mnist", root):
+def _find_idx(root: Path, fashion: bool, stem: str) -> Path:
+    """The IDX file ``stem`` (or ``stem.gz``) in torchvision's layout or a folder named after the set; the
+    two sets share their file names, so ``root`` itself is searched only when its name is not the other set's."""
+    name = root.name.lower()
+    fashion_name = "fashion" in name or name.startswith("fmnist")
+    other = name.startswith("mnist") and not fashion_name if fashion else fashion_name
+    folders = ("FashionMNIST", "fashionmnist", "fashion-mnist", "fashion_mnist") if fashion else ("MNIST", "mnist")
+    for base in [root / folders[0] / "raw", *(root / f for f in folders), *([] if other else [root])]:
         for name in (stem, stem + ".gz"):
             if (base / name).is_file():
                 return base / name
@@ -142,8 +164,8 @@ def _find_idx(root: Path, folder: str, stem: str) -> Path:
 def read_mnist(root: Path, train: bool, fashion: bool) -> ImageData:
     folder = "FashionMNIST" if fashion else "MNIST"
     prefix = "train" if train else "t10k"
-    images = _read_idx(_find_idx(root, folder, f"{prefix}-images-idx3-ubyte"))
-    labels = _read_idx(_find_idx(root, folder, f"{prefix}-labels-idx1-ubyte")).long()
+    images = _read_idx(_find_idx(root, fashion, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find_idx(root, fashion, f"{prefix}-labels-idx1-ubyte")).long()
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{folder} {prefix}: {len(images)} images but {len(labels)} labels")
     classes = FASHION_CLASSES if fashion else [str(i) for i in range(10)]
@@ -192,14 +214,15 @@ def first_image(data: ImageData, skip_bad: bool = False) -> torch.Tensor:
 
 
 def decode(path: str, channels: int = 3) -> torch.Tensor:
-    """One image file as uint8 C x H x W (RGB, or grayscale when channels == 1); any mode,
-    bit depth or alpha is converted. Unreadable files raise DataError naming the file."""
+    """One image file as uint8 C x H x W (RGB, or grayscale when channels == 1), turned upright by its EXIF
+    orientation; any mode, bit depth or alpha is converted. Unreadable files raise DataError naming the file."""
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):  # a FIFO or a device would block or never end; a folder is not an image
         raise DataError(f"cannot read image {path}: {'no such file' if not os.path.exists(path) else 'not a regular file'}")
     try:
         with Image.open(path) as im:
             im.load()
+            im = _upright(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale, float: scale, don't clip
                 import numpy as np
                 a = np.asarray(im, dtype=np.float64)
@@ -217,25 +240,48 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
+def _upright(im):
+    """The image as it is meant to be seen: a camera's EXIF orientation (a phone photo taken upright is
+    stored sideways) applied; a damaged EXIF block leaves the pixels as stored."""
+    from PIL import ImageOps
+    try:
+        if im.getexif().get(0x0112, 1) == 1:  # upright already (exif_transpose would copy the pixels anyway)
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:  # Pillow raises many kinds of errors on malformed EXIF; orientation is only a hint
+        return im
+
+
 # --- data sets by name ---------------------------------------------------------------------------
+# what the cache makes, and the temporaries a killed write leaves: the only names `convmixer cache` lists and
+# --clear deletes, whatever else the folder holds (decoded image sets are files, unpacked archives folders)
+CACHE_FILES = re.compile(r"\.?images-[0-9a-f]{20}\.safetensors(\.[A-Za-z0-9_]+\.tmp)?")
+CACHE_FOLDERS = re.compile(r"\.?[^/]+-[0-9a-f]{16}(\.[A-Za-z0-9_]+)?")
+
+
 def cache_dir() -> Path:
-    path = Path(os.environ.get("CONVMIXER_CACHE", Path.home() / ".cache" / "convmixer"))
+    value = os.environ.get("CONVMIXER_CACHE")
+    if value is not None and not value.strip():  # Path("") is the current folder
+        raise DataError("CONVMIXER_CACHE is set but empty: unset it or name a folder")
+    path = Path(value).expanduser() if value else Path.home() / ".cache" / "convmixer"
     if path.exists() and not path.is_dir():
         raise DataError(f"the cache folder {path} is a file: remove it or set CONVMIXER_CACHE to a folder")
     return path
 
 
 def cache_entries() -> list[tuple[Path, int]]:
-    """What the cache holds (decoded image sets, unpacked archives) and the bytes of each."""
+    """What the cache holds (decoded image sets, unpacked archives) and the bytes of each; other files in
+    the folder are not the cache's and are left out."""
     root = cache_dir()
     if not root.is_dir():
         return []
     sizes = lambda p: p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return [(p, sizes(p)) for p in sorted(root.iterdir())]
+    ours = lambda p: not p.is_symlink() and (CACHE_FILES if p.is_file() else CACHE_FOLDERS).fullmatch(p.name)
+    return [(p, sizes(p)) for p in sorted(root.iterdir()) if ours(p)]
 
 
 def clear_cache() -> int:
-    """Delete everything in the cache folder; returns the bytes freed."""
+    """Delete what the cache made; returns the bytes freed."""
     import shutil
     freed = 0
     for path, size in cache_entries():
@@ -244,12 +290,32 @@ def clear_cache() -> int:
     return freed
 
 
+class MixedSizes(DataError):
+    """The images of a folder that was to be decoded into one tensor do not share one size."""
+
+    def __init__(self, path: str, size: tuple, earlier: tuple):
+        self.sizes = f"{path} is {size} but earlier images are {earlier}"
+        super().__init__(f"{self.sizes}: pass --img-size to resize all images to one size")
+
+
+def cache_budget() -> int:
+    """The most bytes of decoded images one process holds in memory: a quarter of this machine's, shared by
+    the processes torchrun started on it (each holds its own copy); larger folders stream."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not Linux/POSIX: a conservative 16 GiB
+        memory = 16 << 30
+    return memory // 4 // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+
+
 def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, progress: bool = True) -> ImageData:
-    """Decode every file once into one uint8 tensor, cached on disk (safetensors) by content key."""
+    """Decode every file once into one uint8 tensor, cached on disk (safetensors) by content key. Images
+    of another size are resized to ``size``; with ``size=None`` they must all share the first one's
+    (else MixedSizes)."""
     from safetensors.torch import load_file, save_file
     stat = [os.stat(f) for f in data.files]  # regular files only (scan_folder)
     key = hashlib.sha256(repr((data.files, [(s.st_size, s.st_mtime_ns) for s in stat], size,
-                               data.channels)).encode()).hexdigest()[:20]
+                               data.channels, skip_bad)).encode()).hexdigest()[:20]
     cache = cache_dir() / f"images-{key}.safetensors"
     if cache.is_file():
         try:
@@ -257,9 +323,22 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
             return ImageData(t["labels"], data.classes, images=t["images"], channels=data.channels)
         except Exception:
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+    images, labels, bad = _decode_all(data, size, skip_bad, progress)
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
+    out = ImageData(labels, data.classes, images=images, channels=data.channels)
+    try:
+        from .weights import atomic_write
+        atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp))
+    except OSError:
+        pass  # the cache is an optimisation; a read-only or full disk must not stop training
+    return out
+
+
+def _decode_all(data: ImageData, size: int | None, skip_bad: bool, progress: bool):
+    """The readable images as one preallocated uint8 tensor (no second copy), their labels, the unreadable."""
     from tqdm import tqdm
-    images, labels, bad = [], [], []
-    first_shape = None
+    images, labels, bad, count = None, [], [], 0
     for path, label in tqdm(list(zip(data.files, data.labels.tolist())), desc="decoding images", unit="img",
                             disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 60.0):
         try:
@@ -271,23 +350,16 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
             continue
         if size is not None and img.shape[-2:] != (size, size):
             img = v2.functional.resize(img, [size, size], antialias=True)
-        first_shape = first_shape or img.shape
-        if img.shape != first_shape:
-            raise DataError(f"{path} is {tuple(img.shape[-2:])} but earlier images are {tuple(first_shape[-2:])}: "
-                            f"pass --img-size to resize all images to one size")
-        images.append(img)
+        if images is None:
+            images = torch.empty((len(data.files), *img.shape), dtype=torch.uint8)
+        if img.shape != images.shape[1:]:
+            raise MixedSizes(path, tuple(img.shape[-2:]), tuple(images.shape[-2:]))
+        images[count] = img
         labels.append(label)
-    if bad:
-        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
-    if not images:
+        count += 1
+    if images is None:
         raise DataError("no readable images")
-    out = ImageData(torch.tensor(labels), data.classes, images=torch.stack(images), channels=data.channels)
-    try:
-        from .weights import atomic_write
-        atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp))
-    except OSError:
-        pass  # the cache is an optimisation; a read-only or full disk must not stop training
-    return out
+    return images[:count], torch.tensor(labels), bad
 
 
 def _extract_tarball(tarball: Path) -> Path:
@@ -379,13 +451,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
         if split is None and not train:
             raise DataError(f"{root} has no val/ or test/ folder: add one, or use --val-split to carve a "
                             f"validation set from the training images")
-        folder = scan_folder(split or root, skip_bad_images)
-        # cache only when no resizing is needed (a square resize would distort ImageNet-style photos)
-        first = first_image(folder, skip_bad_images)
-        cache = cache and (img_size is None or tuple(first.shape[-2:]) == (img_size, img_size))
-        # up to 200k images are decoded once (at img_size, or their own size when they all share one)
-        return (decode_folder(folder, img_size, skip_bad_images, progress) if cache and len(folder) <= 200_000
-                else folder)
+        return _decoded_or_streamed(scan_folder(split or root, skip_bad_images), img_size, skip_bad_images, cache,
+                                    progress)
     if name.startswith("cifar"):
         hundred = name == "cifar100"
         torchvision_folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
@@ -413,6 +480,25 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
             raise DataError(f"{name} IDX files not found under {root}: pass --data-dir pointing at them") from None
         _download(name, root)
         return read_mnist(root, train, fashion)
+
+
+def _decoded_or_streamed(folder: ImageData, img_size: int | None, skip_bad: bool, cache: bool,
+                         progress: bool) -> ImageData:
+    """An image folder decoded once into memory when its images all share one size (img_size, when given:
+    a square resize would distort photos) and fit the cache budget; otherwise its files, streamed and each
+    resized and cropped as it is read."""
+    first = first_image(folder, skip_bad)
+    if not cache or len(folder) * first.numel() > cache_budget():
+        return folder
+    if img_size is not None and tuple(first.shape[-2:]) != (img_size, img_size):
+        return folder
+    try:
+        return decode_folder(folder, None, skip_bad, progress)
+    except MixedSizes as e:
+        if img_size is None:
+            raise
+        print(f"streaming the images from disk, each resized as it is read: {e.sizes}", file=sys.stderr)
+        return folder
 
 
 def split_train_val(data: ImageData, val_size: float, seed: int = 0) -> tuple[ImageData, ImageData]:

@@ -1,6 +1,7 @@
 """Evaluation (top-1/top-5, per-class accuracy, confusion matrix) and prediction on image files."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -94,9 +95,10 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
     dataset = dataset or info.dataset or cfg.get("dataset")
     if not dataset:
         raise ConfigError("this model does not say which data it was trained on: pass --dataset and --data-dir")
-    data_dir = data_dir or cfg.get("data_dir", "data")
+    data_dir = os.path.expanduser(data_dir or cfg.get("data_dir", "data"))
     # the run's held-out split is only meaningful on the run's own data; --val-split N asks for one anyway
-    same_data = dataset == cfg.get("dataset") and Path(data_dir).resolve() == Path(cfg.get("data_dir", "data")).resolve()
+    trained_on = Path(os.path.expanduser(cfg.get("data_dir", "data"))).resolve()
+    same_data = dataset == cfg.get("dataset") and Path(data_dir).resolve() == trained_on
     carved = val_split if val_split is not None else ((cfg.get("val_split") or 0) if same_data else 0)
     folders = [s for s in ("val", "test") if dataset == "imagefolder" and (Path(data_dir) / s).is_dir()]
     split = split or ("val" if carved or folders[:1] == ["val"] else "test")

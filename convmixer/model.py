@@ -430,17 +430,19 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     Any constructor argument can be overridden (``num_classes=10``, ``in_chans=1``, ...); with
     pretrained weights a different ``num_classes`` gets a fresh classifier. ``features_only=True``
     returns a ConvMixerFeatures whose forward gives the ``out_indices`` feature maps (default: all)."""
-    from .weights import architecture_of, load_pretrained, shipped_weights
+    from .weights import description_of, load_pretrained, shipped_weights
     variant = VARIANTS.get(name)
     if pretrained is True and variant is not None and variant.url is None and variant.shipped:
         pretrained = variant.shipped
     kwargs = model_kwargs(name)
     shipped = shipped_weights(pretrained)
-    if shipped is not None:  # shipped weights bring their own architecture
-        kwargs.update(architecture_of(shipped))
+    described = description_of(shipped) if shipped is not None else {}  # shipped weights: their own architecture
+    kwargs.update({k: v for k, v in described.get("model_args", {}).items() if k != "fast"})
     kwargs.update(overrides)
     model = ConvMixer(**kwargs)
-    model.pretrained_cfg = pretrained_cfg(name, model)
+    model.pretrained_cfg = pretrained_cfg(name, model, described)
+    if shipped is not None:
+        model.pretrained_cfg["file"] = str(shipped)
     model.model_name = name
     if pretrained:
         load_pretrained(model, name if pretrained is True else pretrained, variant=variant)
@@ -455,13 +457,20 @@ def stats_for_channels(mean, std, channels: int) -> tuple[list, list]:
     return list(mean), list(std)
 
 
-def pretrained_cfg(name: str, model: "ConvMixer") -> dict:
-    """timm's description of a model's input (``timm.data.resolve_data_config({}, model=m)`` reads it)."""
-    v = VARIANTS[name]
-    mean, std = stats_for_channels(v.mean, v.std, model.in_chans)
-    return {"input_size": (model.in_chans, v.input_size, v.input_size), "interpolation": "bicubic",
-            "mean": tuple(mean), "std": tuple(std), "crop_pct": v.crop_pct, "crop_mode": "center",
-            "num_classes": model.num_classes, "first_conv": "stem.0", "classifier": "head", "url": v.url or ""}
+def pretrained_cfg(name: str, model: "ConvMixer", described: dict | None = None) -> dict:
+    """timm's description of a model's input (``timm.data.resolve_data_config({}, model=m)`` reads it): the
+    variant's, or that of the weights ``described`` (their decoded metadata), which this project trained and
+    evaluates with bilinear resizing."""
+    v, own = VARIANTS[name], described or {}
+    mean, std = stats_for_channels(own.get("mean", v.mean), own.get("std", v.std), model.in_chans)
+    size = int(own.get("img_size", v.input_size))
+    crop_pct = float(own.get("crop_pct", own.get("config", {}).get("crop_pct", v.crop_pct)))  # older files: config's
+    cfg = {"input_size": (model.in_chans, size, size), "interpolation": "bilinear" if "mean" in own else "bicubic",
+           "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct, "crop_mode": "center",
+           "num_classes": model.num_classes, "first_conv": "stem.0", "classifier": "head", "url": v.url or ""}
+    if len(own.get("classes", ())) == model.num_classes:
+        cfg["label_names"] = tuple(own["classes"])
+    return cfg
 
 
 def count_parameters(model: nn.Module) -> int:

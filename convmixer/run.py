@@ -25,8 +25,8 @@ import torch
 
 from .config import RANGES, TrainConfig
 from .errors import TrainingError, WeightsError
-from .weights import (atomic_write, load_into, read_metadata, read_state_dict, save_weights, shipped_weights,
-                      torch_load_safely)
+from .weights import (atomic_write, decode_metadata, load_into, read_metadata, read_state_dict, save_weights,
+                      shipped_weights, torch_load_safely)
 
 CHECKPOINT_HELP = ("a run folder (its model.safetensors), a run's model.safetensors / best.safetensors / last.pt, "
                    "weights saved with convmixer.save_weights, shipped weights (cifar10, fashion_mnist), or a "
@@ -87,11 +87,7 @@ class RunInfo:
         if "model_args" not in meta:
             raise WeightsError(f"{source} has no model description in its metadata (not written by convmixer): "
                                f"build the model with convmixer.create_model and load it with load_weights")
-        try:
-            d = {k: json.loads(meta[k]) for k in ("model_args", "classes", "mean", "std", "config") if k in meta}
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{source} has malformed metadata ({e}): re-export it with convmixer") from None
-        d.update({k: meta[k] for k in ("img_size", "crop_pct", "model_name", "dataset") if meta.get(k)})
+        d = decode_metadata(meta, source)
         if not isinstance(d["model_args"], dict):
             raise WeightsError(f"{source}: model_args must be a mapping, got {type(d['model_args']).__name__}")
         if "classes" not in d:

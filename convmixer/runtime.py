@@ -35,6 +35,20 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """The device a user named (``cpu``, ``cuda``, ``cuda:1``), checked; None: the GPU if there is one."""
+    from .errors import ConfigError
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name} asks for a GPU this machine does not have: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this
     is one process on the GPU if there is one. One process under torchrun skips the process group

@@ -249,31 +249,38 @@ def resolve_val_split(cfg: TrainConfig) -> TrainConfig:
         return cfg
     if cfg.dataset != "imagefolder":
         return dataclasses.replace(cfg, val_split=5000)
-    own = any((Path(cfg.data_dir) / s).is_dir() for s in ("val", "test"))
+    own = any((Path(cfg.data_dir).expanduser() / s).is_dir() for s in ("val", "test"))
     return dataclasses.replace(cfg, val_split=0 if own else 0.1)
 
 
-def _pretrained(cfg: TrainConfig) -> tuple[Path, RunInfo | None, dict]:
-    """The weights to fine-tune from, their RunInfo when they carry one, and their architecture."""
+@dataclass
+class Pretrained:
+    """Trained weights to fine-tune from: the file (named in messages) and its tensors, read once."""
+    path: Path
+    state: dict
+    info: RunInfo | None  # what the file says about its model and data, when it says anything
+
+    def __str__(self):
+        return str(self.path)
+
+
+def _pretrained(cfg: TrainConfig) -> Pretrained:
     from .run import resolve_weights
     from .weights import WeightsError
     path = resolve_weights(cfg.pretrained)
     if not path.is_file():
         raise WeightsError(f"--pretrained {cfg.pretrained}: no such file, run folder or shipped weights "
                            f"(cifar10, fashion_mnist)")
-    info = None
+    state, info = read_state_dict(path), None
     if path.suffix == ".safetensors":
         meta = read_metadata(path)
         if "classes" in meta and "model_args" in meta:
             info = RunInfo.from_metadata(meta, path)
-    elif path.suffix == ".pt":  # a run's training checkpoint carries its RunInfo too
-        try:
-            info = RunInfo.from_dict(load_checkpoint(path), path)
-        except TrainingError:
-            info = None  # a plain .pt state dict
+    elif all(isinstance(state.get(k), dict) for k in ("model", "model_args", "config")):
+        info = RunInfo.from_dict(state, path)  # a run's training checkpoint carries its RunInfo too
     if info is not None:  # the architecture we will build comes from the file: it must be the tensors'
-        check_shapes(info.model_args, read_state_dict(path), path)
-    return path, info, _architecture(info.model_args if info else {})
+        check_shapes(info.model_args, state, path)
+    return Pretrained(path, state, info)
 
 
 def _architecture(model_args: dict) -> dict:
@@ -311,7 +318,9 @@ def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
     if ckpt is not None:  # a resumed run: the architecture and preprocessing it started with
         source, like, arch = None, RunInfo.from_dict(ckpt, cfg.out), _architecture(ckpt["model_args"])
     else:
-        source, like, arch = _pretrained(cfg) if cfg.pretrained else (None, None, {})
+        source = _pretrained(cfg) if cfg.pretrained else None
+        like = source.info if source else None
+        arch = _architecture(like.model_args) if like else {}
     train_data, val_data, found = prepare_data(cfg, like)
     if world > 1 and rank == 0:
         dist.barrier()
@@ -344,7 +353,7 @@ def _seed(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
-def _make_model(cfg: TrainConfig, found: dict, arch: dict, source: Path | None, train_data: ImageData,
+def _make_model(cfg: TrainConfig, found: dict, arch: dict, source: Pretrained | None, train_data: ImageData,
                 fresh: bool, rank: int) -> tuple[ConvMixer, RunInfo]:
     """The run's model, initialised (a ``fresh`` run: the stem whitened if stem_init says so, the depthwise
     filters as the config says; then the weights of ``source`` to fine-tune from, if any), and the RunInfo that
@@ -370,7 +379,7 @@ def _make_model(cfg: TrainConfig, found: dict, arch: dict, source: Path | None, 
     if fresh:
         _init_depthwise(model, cfg, source)
     if source is not None:
-        state = adapt_stem(checkpoint_filter_fn(read_state_dict(source)), model)  # RGB weights, grey data
+        state = adapt_stem(checkpoint_filter_fn(source.state), model)  # RGB weights, grey data
         skipped = load_into(model, state, strict=False, source=str(source))
         if rank == 0:
             print(f"fine-tuning from {source}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))
@@ -560,8 +569,8 @@ def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torc
     """Decoded images are augmented a whole batch at a time, on the training device, where they are moved
     once; files are decoded and augmented image by image in DataLoader workers."""
     if data.images is not None:
-        if device.type == "cuda":
-            data.images = data.images.to(device)
+        if device.type == "cuda" and data.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+            data.images = data.images.to(device)  # else batches are cut on the CPU and moved one by one
         return BatchAugment(cfg, info.img_size, info.mean, info.std, len(data))
     for key, off in (("hflip_alternate", False), ("randaugment_from", 0.0)):
         if getattr(cfg, key) != off:

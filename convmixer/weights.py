@@ -2,12 +2,15 @@
 the official release files and timm state dicts."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .errors import ConfigError, WeightsError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # the project's own weights, shipped in the package (model cards: pretrained/README.md)
@@ -20,17 +23,24 @@ def shipped_weights(name) -> Path | None:
     return SHIPPED.get(name) if isinstance(name, str) else None
 
 
-def architecture_of(path: str | os.PathLike) -> dict:
-    """The ConvMixer arguments recorded in a weights file's metadata ({} when there are none)."""
-    import json
+JSON_FIELDS = ("model_args", "classes", "mean", "std", "config")  # the rest are plain strings
+TEXT_FIELDS = ("model_name", "img_size", "crop_pct", "dataset")
+
+
+def decode_metadata(meta: dict, source) -> dict:
+    """The model description in safetensors metadata (``run.RunInfo.to_metadata`` writes it), its JSON
+    fields decoded; ``run.RunInfo`` checks the values."""
     try:
-        args = json.loads(read_metadata(path).get("model_args", "{}"))
-    except ValueError:
-        return {}
-    return {k: v for k, v in args.items() if k != "fast"} if isinstance(args, dict) else {}
+        d = {k: json.loads(meta[k]) for k in JSON_FIELDS if k in meta}
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{source} has malformed metadata ({e}): re-export it with convmixer") from None
+    d.update({k: meta[k] for k in TEXT_FIELDS if meta.get(k)})
+    return d
 
 
-from .errors import ConfigError, WeightsError
+def description_of(path: str | os.PathLike) -> dict:
+    """The decoded model description of a weights file ({} for a file without one)."""
+    return decode_metadata(read_metadata(path), path)
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -211,8 +221,6 @@ def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, sou
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write the model's state dict as safetensors (atomically). A ConvMixer also records its
     architecture (and its variant's name), so every ``convmixer`` command can rebuild it."""
-    import json
-
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {}

@@ -137,11 +137,58 @@ def test_idx_with_impossible_header_or_labels(fashion_dir):
         load_dataset("fashion_mnist", fashion_dir, train=False)
     _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", *[2 ** 32 - 1] * 3),
                b"\0" * 100)
-    with pytest.raises(DataError, match="t10k-images.*truncated or corrupt"):
+    with pytest.raises(DataError, match="t10k-images.*promises .* bytes.*corrupt"):  # 8e28 bytes: refused unread
+        load_dataset("fashion_mnist", fashion_dir, train=False)
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", 2, 2, 2),
+               b"\0" * 9)  # longer than its header says
+    with pytest.raises(DataError, match="t10k-images.*25\\+ bytes but its header promises 24"):
         load_dataset("fashion_mnist", fashion_dir, train=False)
     _write_idx(raw / "t10k-images-idx3-ubyte.gz", struct.pack(">BBBB", 0, 0, 8, 0), b"")
     with pytest.raises(DataError, match="impossible IDX header"):
         load_dataset("fashion_mnist", fashion_dir, train=False)
+
+
+def test_mnist_is_never_read_from_fashion_mnist_files(fashion_dir, tmp_path):
+    import shutil
+    shared = tmp_path / "shared"  # ../shared/data's layout: fashion-mnist/<the IDX files>
+    shutil.copytree(fashion_dir / "FashionMNIST" / "raw", shared / "fashion-mnist")
+    assert len(load_dataset("fashion_mnist", shared, download=False)) == 600
+    for root in (shared, shared / "fashion-mnist"):  # the two sets share file names
+        with pytest.raises(DataError, match="mnist IDX files not found"):
+            load_dataset("mnist", root, download=False)
+    assert len(load_dataset("fashion_mnist", shared / "fashion-mnist", download=False)) == 600
+    shutil.copytree(shared / "fashion-mnist", tmp_path / "mnist")  # a folder named after MNIST holds MNIST
+    with pytest.raises(DataError, match="fashion_mnist IDX files not found"):
+        load_dataset("fashion_mnist", tmp_path / "mnist", download=False)
+    assert len(load_dataset("mnist", tmp_path / "mnist", download=False)) == 600
+
+
+def test_cifar100_meta_that_is_damaged(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    batch = {"data": np.zeros((4, 3072), dtype=np.uint8), "fine_labels": [0, 1, 2, 3]}
+    pickle.dump(batch, open(folder / "train", "wb"))
+    for meta in (b"\x80\x04garbage", pickle.dumps({"coarse_label_names": ["x"]}), pickle.dumps(TrainConfig())):
+        (folder / "meta").write_bytes(meta)
+        with pytest.raises(DataError, match="meta is not CIFAR-100's class list.*download CIFAR-100 again"):
+            load_dataset("cifar100", tmp_path, download=False)
+    (folder / "meta").unlink()
+    with pytest.raises(DataError, match="missing CIFAR file .*meta"):
+        load_dataset("cifar100", tmp_path, download=False)
+
+
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
+    img = Image.new("RGB", (6, 2), (200, 0, 0))
+    img.putpixel((0, 0), (0, 0, 255))
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90 degrees clockwise, as a phone writes it
+    img.save(tmp_path / "phone.png", exif=exif)
+    assert decode(str(tmp_path / "phone.png")).shape == (3, 6, 2)  # it was read as stored: 2 x 6
+    pixels = decode(str(tmp_path / "phone.png"))
+    assert pixels[2, 0, -1] > 150 and pixels[0, 0, -1] < 100  # the blue corner is now top right
+    exif[0x0112] = 77  # not an orientation: the pixels as stored
+    img.save(tmp_path / "odd.png", exif=exif)
+    assert decode(str(tmp_path / "odd.png")).shape == (3, 2, 6)
 
 
 def test_cifar_labels_out_of_range(cifar_dir):
@@ -161,6 +208,28 @@ def _folder(root, n=8, size=8):
             Image.fromarray(np.full((size, size, 3), shade, np.uint8)).save(
                 root / c / f"{i}.png")
     return root
+
+
+def test_a_folder_is_decoded_only_when_its_images_share_one_size(tmp_path, monkeypatch, capsys):
+    root = _folder(tmp_path / "data", n=4, size=8)
+    Image.new("RGB", (12, 10)).save(root / "b" / "9.png")  # sorts last: the first image alone decided
+    data = load_dataset("imagefolder", root, img_size=8, progress=False)
+    assert data.images is None and len(data.files) == 9  # streamed (it was decoded, with 9.png squashed to 8 x 8)
+    assert "streaming the images from disk" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"9.png is \(10, 12\).*pass --img-size"):
+        load_dataset("imagefolder", root, progress=False)
+    (root / "b" / "9.png").unlink()
+    assert load_dataset("imagefolder", root, progress=False).images.shape == (8, 3, 8, 8)
+    monkeypatch.setattr("convmixer.data.cache_budget", lambda: 8 * 3 * 8 * 8 - 1)  # one byte short: streamed
+    assert load_dataset("imagefolder", root, progress=False).images is None
+
+
+def test_the_cache_of_decoded_images_remembers_skip_bad_images(tmp_path):
+    root = _folder(tmp_path / "data", n=4, size=8)
+    (root / "a" / "bad.png").write_bytes(b"not a png")
+    assert len(load_dataset("imagefolder", root, skip_bad_images=True, progress=False)) == 8
+    with pytest.raises(DataError, match="bad.png"):  # it was served from that cache, without bad.png
+        load_dataset("imagefolder", root, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dangling", "loop", "directory"])
@@ -273,6 +342,45 @@ def test_cache_folder_that_is_a_file(tmp_path, monkeypatch, folder_dir):
     monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cachefile"))
     with pytest.raises(DataError, match="cache folder .* is a file"):
         load_dataset("imagefolder", folder_dir, img_size=32)
+
+
+def test_yaml_words_off_on_yes_no_are_read_as_written(tmp_path):
+    (tmp_path / "c.yaml").write_text("amp: off\ntta_flip: on\ncache: no\nprogress: yes\npretrained: false\n")
+    cfg = make_config(tmp_path / "c.yaml")  # amp: off was refused as amp='False'
+    assert (cfg.amp, cfg.tta_flip, cfg.cache, cfg.progress, cfg.pretrained) == ("off", True, False, True, None)
+    (tmp_path / "d.yaml").write_text("activation: no\n")
+    with pytest.raises(ConfigError, match="activation='no' is not one of"):
+        make_config(tmp_path / "d.yaml")
+
+
+def test_a_home_relative_data_dir_finds_its_val_folder(tmp_path, monkeypatch):
+    from convmixer.train import resolve_val_split
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine" / "val" / "a").mkdir(parents=True)
+    (tmp_path / "c.yaml").write_text("dataset: imagefolder\ndata_dir: ~/mine\nout: ~/runs/x\n")
+    cfg = make_config(tmp_path / "c.yaml")  # the val/ folder was missed and 10% of train/ carved instead
+    assert (cfg.data_dir, cfg.out) == (str(tmp_path / "mine"), str(tmp_path / "runs" / "x"))
+    assert resolve_val_split(cfg).val_split == 0
+    assert resolve_val_split(TrainConfig(dataset="imagefolder", data_dir="~/mine")).val_split == 0
+
+
+def test_cache_clear_deletes_only_what_the_cache_made(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "project"
+    (work / ".git").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (work / "photo-0123456789abcdef.jpg").write_text("mine too")  # named like an unpacked archive, but a file
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("CONVMIXER_CACHE", "")  # an unset variable expanded: it was the current folder
+    one_line(capsys, main(["cache", "--clear"]), "CONVMIXER_CACHE is set but empty")
+    monkeypatch.setenv("CONVMIXER_CACHE", str(work))  # a folder that is not only the cache
+    ours = [work / "images-0123456789abcdef0123.safetensors", work / ".images-0123456789abcdef0123.safetensors.a1_b.tmp",
+            work / "cifar10-jpg-train-0123456789abcdef"]
+    for path in ours[:2]:
+        path.write_bytes(b"x")
+    (ours[2] / "train").mkdir(parents=True)
+    assert main(["cache", "--clear"]) == 0
+    assert not any(p.exists() for p in ours)
+    assert sorted(p.name for p in work.iterdir()) == [".git", "notes.txt", "photo-0123456789abcdef.jpg"]
 
 
 # --- weights and metadata --------------------------------------------------------------------------
@@ -395,6 +503,10 @@ def test_bad_command_arguments(tmp_path, fashion_dir, capsys):
     one_line(capsys, main(["summary", "--img-size", "4096", "--batch-size", "4096"]), "GiB")
     one_line(capsys, main(["bench", "--img-size", "2048", "--batch-size", "4096"]), "GiB")
     one_line(capsys, main(["bench", "--batch-size", "0"]), "--batch-size 0")
+    one_line(capsys, main(["bench", "--batch-size", "65536"]), "GiB of activations", "lower --batch-size")
+    one_line(capsys, main(["bench", "--device", "potato"]), "potato")
+    if not torch.cuda.is_available():
+        one_line(capsys, main(["bench", "--device", "cuda"]), "--device cuda")
     one_line(capsys, main(["export", "--checkpoint", w, "--out", str(tmp_path / "m.onnx"), "--img-size", "1"]), "--img-size 1")
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "dir.png").mkdir()

@@ -331,9 +331,16 @@ def test_bench_command_reports_side_by_side(capsys):
         assert "train_ratio_vs_timm" in r
         assert r["peak_memory_mb"] >= r["step_memory_mb"] > 0  # per candidate (Linux: VmHWM reset per step)
     assert report["matmul_peak_gflops"]["fp32"] > 0 and report["process_max_rss_mb"] > 0
+    rng = torch.random.get_rng_state()
     assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4",
                  "--infer-batch-size", "4", "--steps", "1", "--warmup", "0"]) == 0
     assert "process peak resident memory" in capsys.readouterr().out
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random state is left as it was
+    # without timm the ratios are against plain PyTorch (they were against the last breakdown row)
+    assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4", "--no-timm",
+                 "--infer-batch-size", "4", "--steps", "1", "--warmup", "0", "--breakdown", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rows["plain PyTorch fp32"]["train_ratio_vs_plain"] == 1.0 and "timm eager fp32" not in rows
 
 
 def test_tta_shifted_views_translate_the_image():

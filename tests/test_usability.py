@@ -54,6 +54,14 @@ def test_shipped_weights_by_name(tmp_path, capsys):
     assert torch.equal(model.head.weight, same.head.weight)
     fm = convmixer.create_model("convmixer_256_8", pretrained="fashion_mnist")  # brings its own architecture
     assert (fm.patch_size, fm.in_chans) == (4, 1)
+    # their preprocessing is theirs too (it was the CIFAR-10 variant's: 32 px and RGB statistics averaged)
+    info = convmixer.load_model("fashion_mnist")[1]
+    cfg = fm.pretrained_cfg
+    assert cfg["input_size"] == (1, 28, 28) and list(cfg["mean"]) == info.mean and list(cfg["std"]) == info.std
+    assert cfg["label_names"] == tuple(info.classes) and cfg["file"].endswith("fashion_mnist.safetensors")
+    assert model.pretrained_cfg["mean"] == tuple(convmixer.load_model("cifar10")[1].mean)
+    fresh = convmixer.create_model("convmixer_256_8")
+    assert fresh.pretrained_cfg["input_size"] == (3, 32, 32) and "label_names" not in fresh.pretrained_cfg
     new_head = convmixer.create_model("convmixer_256_8", pretrained="cifar10", num_classes=3)
     assert new_head.head.weight.shape == (3, 256) and torch.equal(new_head.stem[0].weight, model.stem[0].weight)
     Image.new("RGB", (32, 32), (250, 250, 250)).save(tmp_path / "x.png")
@@ -121,8 +129,8 @@ def test_small_conveniences(tmp_path, monkeypatch, capsys):
     assert "convmixer_256_8_ks9_p1" in listed and "convmixer_768_32" not in listed
     monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "images-abc.safetensors").write_bytes(b"x" * 2048)
-    assert main(["cache"]) == 0 and "images-abc.safetensors" in capsys.readouterr().out
+    (tmp_path / "cache" / "images-0123456789abcdef0123.safetensors").write_bytes(b"x" * 2048)
+    assert main(["cache"]) == 0 and "images-0123456789abcdef0123.safetensors" in capsys.readouterr().out
     assert main(["cache", "--clear"]) == 0 and not list((tmp_path / "cache").iterdir())
     # a failed download leaves no empty folder behind
     import torchvision.datasets as tvd
@@ -226,7 +234,7 @@ def test_onnx_carries_metadata_takes_any_size_and_predicts(tmp_path, capsys):
     assert [t["class"] for t in onnx_top] == [t["class"] for t in torch_top]
 
 
-def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(tmp_path, capsys):
+def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(tmp_path, capsys, monkeypatch):
     data = _my_images(tmp_path / "mydata", n_train=6, n_val=2)
     out = tmp_path / "ft"
     args = ["train", "--config", "finetune", "--data-dir", str(data), "--out", str(out), "--no-progress",
@@ -240,8 +248,12 @@ def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(t
     # and a new run may fine-tune from that run's folder, taking its architecture from last.pt alone
     (out / "model.safetensors").unlink()
     (out / "best.safetensors").unlink()
+    import convmixer.weights
+    reads, read = [], convmixer.weights.torch_load_safely
+    monkeypatch.setattr(convmixer.weights, "torch_load_safely", lambda *a: reads.append(a) or read(*a))
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data), "--pretrained", str(out), "--epochs",
                  "1", "--batch-size", "6", "--no-progress", "--out", str(tmp_path / "again")]) == 0
+    assert len(reads) == 1  # last.pt is read once (it was read for its RunInfo, the shape check and the weights)
     assert convmixer.load_model(tmp_path / "again")[0].patch_size == 4
 
 
