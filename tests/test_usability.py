@@ -248,9 +248,9 @@ def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(t
     # and a new run may fine-tune from that run's folder, taking its architecture from last.pt alone
     (out / "model.safetensors").unlink()
     (out / "best.safetensors").unlink()
-    import convmixer.weights
-    reads, read = [], convmixer.weights.torch_load_safely
-    monkeypatch.setattr(convmixer.weights, "torch_load_safely", lambda *a: reads.append(a) or read(*a))
+    from convmixer import weights
+    reads, read = [], weights.torch_load_safely
+    monkeypatch.setattr(weights, "torch_load_safely", lambda *a: reads.append(a) or read(*a))
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data), "--pretrained", str(out), "--epochs",
                  "1", "--batch-size", "6", "--no-progress", "--out", str(tmp_path / "again")]) == 0
     assert len(reads) == 1  # last.pt is read once (it was read for its RunInfo, the shape check and the weights)
