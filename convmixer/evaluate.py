@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +39,26 @@ def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torc
 
 
 @torch.no_grad()
+@contextmanager
+def eval_mode(model: torch.nn.Module, device=None):
+    """``model`` in eval mode (and on ``device``) for the block; afterwards, an error included, back in the
+    caller's mode (and on the caller's device)."""
+    if not isinstance(model, torch.nn.Module):  # an ONNX file's session: no mode or device to restore
+        yield model.eval()
+        return
+    first = next(model.parameters(), None)
+    was_training, was_on = model.training, first.device if first is not None else None
+    model.eval()
+    if device is not None:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        if device is not None and was_on is not None:
+            model.to(was_on)
+
+
 def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size: int = 256, device="cpu",
              amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
              workers: int = 0, tta_shift: int = 0, skip_bad_images: bool = False) -> dict:
@@ -52,29 +73,27 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
         raise ConfigError(f"tta_shift must be 0 (off) or a number of pixels, got {tta_shift}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
     device = torch.device(device)
     num_classes = len(info.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
-    for images, labels in eval_batches(data, batch_size, info_transform(info), workers, skip_bad_images):
-        images = images.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            views = [images] + _shifted(images, tta_shift, channels_last)
-            if tta_flip:
-                views += [v.flip(-1) for v in views]
-            logits = sum(model(v).float() for v in views) / len(views)
-        logits, labels = logits.cpu(), labels.cpu()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        k = min(5, num_classes)
-        top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(-1),
-                                    minlength=num_classes ** 2).view(num_classes, num_classes)
-        n += len(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in eval_batches(data, batch_size, info_transform(info), workers, skip_bad_images):
+            images = images.to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                views = [images] + _shifted(images, tta_shift, channels_last)
+                if tta_flip:
+                    views += [v.flip(-1) for v in views]
+                logits = sum(model(v).float() for v in views) / len(views)
+            logits, labels = logits.cpu(), labels.cpu()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            k = min(5, num_classes)
+            top5 += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
+            confusion += torch.bincount(labels * num_classes + logits.argmax(-1),
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+            n += len(labels)
     if n == 0:
         raise DataError("the evaluation set is empty" + (" (no image was readable)" if len(data) else "") +
                         ": point --data-dir/--split at images")
@@ -137,11 +156,11 @@ def image_files(paths: list[str]) -> list[str]:
 def embed(model: ConvMixer, info: RunInfo, files: list[str], batch_size: int = 64) -> torch.Tensor:
     """Pooled features (the classifier's input, N x dim) of image files, preprocessed as for evaluation."""
     transform = info_transform(info)
-    model.eval()
     out = []
-    for start in range(0, len(files), batch_size):
-        x = torch.stack([transform(decode(f, model.in_chans)) for f in files[start:start + batch_size]])
-        out.append(model.forward_head(model.forward_features(x), pre_logits=True))
+    with eval_mode(model):
+        for start in range(0, len(files), batch_size):
+            x = torch.stack([transform(decode(f, model.in_chans)) for f in files[start:start + batch_size]])
+            out.append(model.forward_head(model.forward_features(x), pre_logits=True))
     return torch.cat(out)
 
 
@@ -151,12 +170,12 @@ def predict(model: ConvMixer, info: RunInfo, files: list[str], top_k: int = 5, d
     if top_k < 1:
         raise ConfigError(f"top-k must be at least 1, got {top_k}")
     transform = info_transform(info)
-    model.eval().to(device)
     results = []
-    for f in files:
-        x = transform(decode(f, model.in_chans)).unsqueeze(0).to(device)
-        probs = model(x).softmax(-1)[0].cpu()
-        p, idx = probs.topk(min(top_k, len(probs)))
-        results.append({"file": str(f), "top": [{"class": info.classes[i], "index": i, "probability": v}
-                                                for v, i in zip(p.tolist(), idx.tolist())]})
+    with eval_mode(model, device):
+        for f in files:
+            x = transform(decode(f, model.in_chans)).unsqueeze(0).to(device)
+            probs = model(x).softmax(-1)[0].cpu()
+            p, idx = probs.topk(min(top_k, len(probs)))
+            results.append({"file": str(f), "top": [{"class": info.classes[i], "index": i, "probability": v}
+                                                    for v, i in zip(p.tolist(), idx.tolist())]})
     return results

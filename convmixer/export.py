@@ -2,6 +2,8 @@
 plain safetensors weights."""
 from __future__ import annotations
 
+import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: give a file name, e.g. {out / ('model.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().set_fast(False)
+    model = copy.deepcopy(model).eval().set_fast(False)  # the caller's model keeps its mode and paths
     x = torch.randn(2, model.in_chans, img_size, img_size)
     with torch.no_grad():
         expected = model(x)
@@ -40,10 +42,13 @@ def export(model, out: str | Path, fmt: str, img_size: int, opset: int = 17, che
         raise ConfigError("ONNX export needs the onnx package: pip install 'convmixer[export]'") from None
     from .weights import atomic_write
 
+    # the TorchScript-based exporter: torch >= 2.9 defaults to the dynamo one, and torch < 2.5 has no switch
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
     def write(tmp):
         torch.onnx.export(model, (x,), tmp, input_names=["images"], output_names=["logits"], opset_version=opset,
                           dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
-                          dynamo=False)
+                          **legacy)
         if metadata:  # classes, mean/std, image size travel with the file (convmixer predict reads them)
             proto = onnx.load(tmp)
             for key, value in metadata.items():

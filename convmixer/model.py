@@ -10,6 +10,7 @@ checkpoints and timm state dicts load with ``strict=True``.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -170,6 +171,7 @@ class ConvMixer(nn.Module):
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dim
         self.grad_checkpointing = False
+        self.global_pool = "avg"  # "" after reset_classifier(0, ""): forward_head keeps the feature maps
         self.fast = fast  # also the exact CPU inference path (forward_features)
 
         self.stem = nn.Sequential(
@@ -213,18 +215,31 @@ class ConvMixer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int):
-        device = self.stem[0].weight.device
-        self.num_classes = num_classes
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        """A new classifier (0: none) on the stem's device and dtype; ``global_pool`` as timm's: "avg" (the
+        default) or "" (no pooling: forward_head returns the feature maps, with num_classes 0)."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ModelError(f"num_classes must be an integer >= 0 (0 = feature extractor), got {num_classes!r}")
+        if global_pool not in (None, "avg", ""):
+            raise ModelError(f"global_pool {global_pool!r}: ConvMixer pools by average (\"avg\") or not at all (\"\")")
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool == "" and num_classes:
+            raise ModelError("global_pool='' keeps the feature maps, which a classifier cannot take: use num_classes=0")
+        weight = self.stem[0].weight
+        self.num_classes, self.global_pool = num_classes, pool
         if self.model_args is not None:
             self.model_args["num_classes"] = num_classes
-        self.head = nn.Linear(self.dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.dim, num_classes, device=weight.device, dtype=weight.dtype) if num_classes > 0
+                     else nn.Identity())
 
     def _check_input(self, x: torch.Tensor):
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # export: shapes are symbolic
             return
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ModelError(f"expected a batch of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # e.g. torchvision.io.read_image's uint8
+            raise ModelError(f"expected float images, got {x.dtype}: scale to [0, 1] and normalise with "
+                             f"model.pretrained_cfg's mean and std")
         if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
             raise ModelError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the patch size "
                              f"{self.patch_size}: resize the images to at least {self.patch_size} px")
@@ -280,6 +295,8 @@ class ConvMixer(nn.Module):
         """Eval mode, no gradients, on a CPU, in eager mode: the exact fast path of fastops point 4."""
         if not getattr(self, "fast", True) or self.training or torch.is_grad_enabled() or x.device.type != "cpu":
             return False
+        if any(m.training for m in self.modules()):  # e.g. BatchNorm layers recalibrating under no_grad
+            return False
         return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
                     or torch.compiler.is_compiling())
 
@@ -295,6 +312,8 @@ class ConvMixer(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.global_pool:
+            return x
         x = x.mean(dim=(2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -438,6 +457,10 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     shipped = shipped_weights(pretrained)
     described = description_of(shipped) if shipped is not None else {}  # shipped weights: their own architecture
     kwargs.update({k: v for k, v in described.get("model_args", {}).items() if k != "fast"})
+    unknown = sorted(set(overrides) - set(inspect.signature(ConvMixer).parameters))
+    if unknown:
+        raise ModelError(f"create_model got {', '.join(unknown)}, which ConvMixer does not take: it takes "
+                         f"{', '.join(inspect.signature(ConvMixer).parameters)}")
     kwargs.update(overrides)
     model = ConvMixer(**kwargs)
     model.pretrained_cfg = pretrained_cfg(name, model, described)

@@ -164,9 +164,11 @@ class Run:
         return time.time() - self.started
 
     def progress(self, spent: float) -> float:
+        """Of the step about to be taken, counted as the authors' script does ((i + 1) / len(loader)): the
+        first step moves the weights and the last one ends the schedule; or time spent / time_limit."""
         total = self.steps_per_epoch * self.cfg.epochs
         limit = self.cfg.time_limit * 60
-        return max(self.step / total, spent / limit if limit else 0.0)
+        return max((self.step + 1) / total, spent / limit if limit else 0.0)
 
     def log(self, *args):
         if self.rank == 0:
@@ -419,6 +421,12 @@ def _restore(run: Run, ckpt: dict) -> None:
                             f"({', '.join(map(str, ckpt['classes'][:3]))}...): resume with the run's own data")
     run.restore(ckpt)
     run.log(f"resumed from {run.out / 'last.pt'}: epoch {run.epoch + 1}, step {run.step}")
+    longer = [f"{key} {ckpt['config'].get(key)} -> {getattr(run.cfg, key)}" for key in ("epochs", "time_limit")
+              if ckpt["config"].get(key) != getattr(run.cfg, key)]
+    if longer:  # progress is steps (or minutes) done over the whole length, so it moves back
+        run.log(f"{', '.join(longer)}: the schedule now spans the new length, so the learning rate (and progressive "
+                f"resizing, randaugment_from) continue from {100 * run.progress(run.spent):.0f}% of it, not where "
+                f"the run stopped")
 
 
 def _open_logs(run: Run, ckpt: dict | None) -> None:

@@ -43,6 +43,17 @@ def test_feature_extractor_and_reset_classifier():
     model.reset_classifier(5)
     assert model.get_classifier().out_features == 5
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    # as timm's: reset_classifier(0, "") keeps the feature maps (it raised TypeError); the new head takes the
+    # model's dtype (a bf16 model failed at its head); a negative count is refused
+    model.reset_classifier(0, "")
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 24, 8, 8)
+    model.reset_classifier(3, "avg")
+    half = model.to(torch.bfloat16)
+    half.reset_classifier(4)
+    assert half(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)).shape == (2, 4)
+    for bad in ((-1,), (2, ""), (2, "max")):
+        with pytest.raises(ValueError):
+            model.reset_classifier(*bad)
 
 
 def test_forward_intermediates():
@@ -65,6 +76,29 @@ def test_bad_input_messages():
         ConvMixer(dim=8, depth=0)
     with pytest.raises(ValueError, match="did you mean 'convmixer_1536_20'"):
         create_model("convmixer_1536_2")
+    with pytest.raises(ValueError, match="expected float images, got torch.uint8"):  # a raw conv error before
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="drop_path_rate, which ConvMixer does not take"):  # a TypeError before
+        create_model("convmixer_256_8", drop_path_rate=0.1)
+
+
+def test_cpu_inference_path_leaves_batchnorm_in_train_mode_to_the_plain_path(monkeypatch):
+    from convmixer import fastops
+    monkeypatch.setattr(fastops, "INFERENCE_TILE_BYTES", 1)  # tiles of 4 images: 4 + 2 had their own statistics
+    torch.manual_seed(0)
+    model = ConvMixer(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3).eval()
+    for m in model.modules():  # AdaBN-style recalibration: BatchNorm in train mode, no gradients
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    x = torch.randn(6, 3, 8, 8)
+    plain = ConvMixer(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3)
+    plain.load_state_dict(model.state_dict())
+    plain.eval().set_fast(False)
+    for m in plain.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
 
 
 @pytest.mark.parametrize("name,count", [

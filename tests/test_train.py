@@ -164,12 +164,13 @@ def test_batch_larger_than_data(tmp_path, fashion_dir):
 
 def test_time_limit_stretches_the_schedule_and_stops(tmp_path, fashion_dir):
     # 600 images / batch 32 = 18 steps per epoch; a limit far shorter than one epoch stops training after
-    # its first step, and the schedule, which follows the time spent, has then run to its end (lr 0);
-    # the progress bar is on, as in a real run
+    # its first step, which (no time spent yet) ran at the lr of step 1 of the 900 the epochs allow; the
+    # progress bar is on, as in a real run
     summary = train(tiny_config(tmp_path, fashion_dir, epochs=50, time_limit=1e-6, tta_shift=1, tta_flip=True,
                                 progress=True))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and records[0]["step"] == 1 and records[0]["lr"] == 0.0
+    assert len(records) == 1 and records[0]["step"] == 1
+    assert records[0]["lr"] == pytest.approx(0.01 * lr_factor(1 / 900, TrainConfig()))
     assert 0 <= records[0]["val_top1"] <= 1 and records[0]["rss_mib"] > 0
     assert summary["time_limit_reached"] and summary["epochs_run"] == 1
     assert (tmp_path / "run" / "model.safetensors").is_file()
@@ -183,6 +184,8 @@ def test_every_epoch_is_logged_and_validated_every_eval_every(tmp_path, fashion_
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert ["val_top1" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
+    # the last step ends the schedule, as (i + 1) / len(loader) in the authors' script (it was one step short)
+    assert records[-1]["lr"] == 0.0 and records[0]["lr"] > 0
     assert summary["final_val_top1"] == records[-1]["val_top1"]
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) >= 4  # a header and a line per epoch

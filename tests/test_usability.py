@@ -48,6 +48,20 @@ def test_the_documented_fine_tuning_command(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("imagefolder val:")
 
 
+def test_library_calls_leave_the_callers_model_as_it_was(tmp_path):
+    from convmixer.evaluate import embed, predict
+    from convmixer.export import export
+    from convmixer.run import RunInfo
+    model = convmixer.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3).train()
+    info = RunInfo(model_args=model.model_args, classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.5] * 3, img_size=8,
+                   crop_pct=1.0)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    export(model, tmp_path / "m.safetensors", "safetensors", 8)  # left it in eval mode with its fast paths off
+    predict(model, info, [str(tmp_path / "x.png")])  # left it in eval mode
+    embed(model, info, [str(tmp_path / "x.png")])
+    assert model.training and model.fast and model.blocks[0][1].fast
+
+
 def test_shipped_weights_by_name(tmp_path, capsys):
     model = convmixer.create_model("convmixer_256_8", pretrained="cifar10")
     same = convmixer.create_model("convmixer_256_8", pretrained=True)  # this variant's weights are shipped
@@ -242,6 +256,7 @@ def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_preprocessing(t
     assert main(args + ["--epochs", "1"]) == 0
     first = convmixer.load_model(out / "last.pt")[1]
     assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]) == 0
+    assert "epochs 1 -> 2: the schedule now spans the new length" in capsys.readouterr().out  # it said nothing
     model, info = convmixer.load_model(out)
     assert model.patch_size == 4 and model.in_chans == 3  # the weights' patch, the data's channels
     assert (info.img_size, info.mean, info.std) == (first.img_size, first.mean, first.std) == (28, info.mean, info.std)
