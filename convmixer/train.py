@@ -794,10 +794,10 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
         if run is not None:
             if run.folder is not None:
                 run.folder.close()
-            if run.world > 1 and dist.is_initialized() and not caller["process_group"]:
-                dist.destroy_process_group()  # the group this run made; a caller's own stays
             if run.writer is not None:
                 run.writer.close()
+        if dist.is_initialized() and not caller["process_group"]:
+            dist.destroy_process_group()  # the group this call made, also when building the run failed
         _restore_process_settings(caller)
 
 

@@ -732,6 +732,22 @@ def test_train_leaves_the_callers_process_settings(tmp_path, fashion_dir):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_a_run_that_fails_to_start_destroys_the_process_group_it_made(tmp_path, fashion_dir, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", CONVMIXER_DDP="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="larger than the 600"):  # fails after the group is made
+        train(make_config(None, {**TINY, "data_dir": str(fashion_dir), "out": str(tmp_path / "run"),
+                                 "batch_size": 1024}))
+    assert not dist.is_initialized()  # it was left, and later train() calls took it for the caller's
+
+
 def test_pretrained_weights_for_another_channel_count_are_adapted_not_dropped():
     import convmixer
     rgb = convmixer.create_model("convmixer_256_8", pretrained="cifar10")
