@@ -83,7 +83,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     kernels of 3 or less, where oneDNN's is (ONEDNN_BACKWARD_MAX_KERNEL)."""
     k = weight.shape[-1]
     if (torch.jit.is_scripting() or torch.jit.is_tracing() or k % 2 == 0 or x.device.type != "cpu"
-            or k <= ONEDNN_BACKWARD_MAX_KERNEL):  # PyTorch's op; autocast, where on, casts as for any convolution
+            or k <= ONEDNN_BACKWARD_MAX_KERNEL  # PyTorch's op; autocast, where on, casts as for any convolution
+            or _under_torch_func()):
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))
@@ -91,6 +92,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
                         padding=k // 2, groups=weight.shape[0])
     return _DepthwiseConv2d.apply(x, weight, bias)
+
+
+def _under_torch_func() -> bool:
+    """Inside torch.func transforms (vmap, grad, jacrev: per-sample gradients), which refuse an autograd
+    Function without a vmap rule: PyTorch's own convolution serves there."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private; absent: assume not
+    return bool(active is not None and active())
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

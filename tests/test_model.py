@@ -323,3 +323,21 @@ def test_property_shapes_and_fast_equals_plain(dim, depth, k, p, h, w, classes):
     assert y.shape == ((2, classes) if classes else (2, dim))
     assert model.forward_features(x).shape == (2, dim, h // p, w // p)
     torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_per_sample_gradients_with_torch_func():
+    """vmap(grad(...)) over the fast CPU depthwise path (k5): it refused the custom autograd Function."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    model = ConvMixer(dim=8, depth=1, kernel_size=5, patch_size=2, num_classes=3).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, (p, buffers), (xi[None],)), yi[None])
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        one = grad(loss)(params, x[i], y[i])
+        for name in params:
+            torch.testing.assert_close(per_sample[name][i], one[name])
