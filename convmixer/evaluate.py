@@ -38,7 +38,6 @@ def _shifted(images: torch.Tensor, shift: int, channels_last: bool) -> list[torc
     return [v.contiguous(memory_format=fmt) for v in views]
 
 
-@torch.no_grad()
 @contextmanager
 def eval_mode(model: torch.nn.Module, device=None):
     """``model`` in eval mode (and on ``device``) for the block; afterwards, an error included, back in the
@@ -59,6 +58,7 @@ def eval_mode(model: torch.nn.Module, device=None):
             model.to(was_on)
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size: int = 256, device="cpu",
              amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
              workers: int = 0, tta_shift: int = 0, skip_bad_images: bool = False) -> dict:

@@ -60,6 +60,13 @@ def test_library_calls_leave_the_callers_model_as_it_was(tmp_path):
     predict(model, info, [str(tmp_path / "x.png")])  # left it in eval mode
     embed(model, info, [str(tmp_path / "x.png")])
     assert model.training and model.fast and model.blocks[0][1].fast
+    from convmixer.data import ImageData
+    from convmixer.evaluate import evaluate
+    grad_enabled = []
+    model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    data = ImageData(torch.tensor([0, 1]), info.classes, images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert evaluate(model, data, info)["n"] == 2 and model.training
+    assert grad_enabled == [False]  # evaluation builds no autograd graph (and keeps the CPU inference path)
 
 
 def test_shipped_weights_by_name(tmp_path, capsys):
