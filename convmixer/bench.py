@@ -5,7 +5,6 @@ GFLOP/s against a matmul peak measured in the same run."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -17,7 +16,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .fastops import set_allocator_tuned, trim_allocator
 from .model import VARIANTS, create_model, flops_per_image
-from .runtime import amp_dtype, peak_resident_mib, pick_device, resident_mib
+from .runtime import amp_dtype, peak_resident_mib, physical_memory, pick_device, resident_mib
 
 
 def reference_convmixer(dim, depth, kernel_size, patch_size, num_classes, in_chans=3, act=nn.GELU):
@@ -242,10 +241,7 @@ def _check_training_memory(model_name, img_size, batch_size, device):
     whose estimate exceeds the device's whole memory is refused, not left to the out-of-memory killer."""
     v = VARIANTS[model_name]
     need = 6 * 4 * batch_size * v.depth * v.dim * max(img_size // v.patch_size, 1) ** 2
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else physical_memory()
     if need > have:
         raise ConfigError(f"a training step of {model_name} at batch {batch_size} and {img_size} px keeps about "
                           f"{need / 2 ** 30:.0f} GiB of activations, more than the {have / 2 ** 30:.0f} GiB of "

@@ -155,9 +155,9 @@ def _find_idx(root: Path, fashion: bool, stem: str) -> Path:
     other = name.startswith("mnist") and not fashion_name if fashion else fashion_name
     folders = ("FashionMNIST", "fashionmnist", "fashion-mnist", "fashion_mnist") if fashion else ("MNIST", "mnist")
     for base in [root / folders[0] / "raw", *(root / f for f in folders), *([] if other else [root])]:
-        for name in (stem, stem + ".gz"):
-            if (base / name).is_file():
-                return base / name
+        for file in (stem, stem + ".gz"):
+            if (base / file).is_file():
+                return base / file
     raise FileNotFoundError(stem)
 
 
@@ -301,11 +301,8 @@ class MixedSizes(DataError):
 def cache_budget() -> int:
     """The most bytes of decoded images one process holds in memory: a quarter of this machine's, shared by
     the processes torchrun started on it (each holds its own copy); larger folders stream."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not Linux/POSIX: a conservative 16 GiB
-        memory = 16 << 30
-    return memory // 4 // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    from .runtime import physical_memory
+    return physical_memory() // 4 // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
 
 
 def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, progress: bool = True) -> ImageData:

@@ -449,13 +449,13 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     Any constructor argument can be overridden (``num_classes=10``, ``in_chans=1``, ...); with
     pretrained weights a different ``num_classes`` gets a fresh classifier. ``features_only=True``
     returns a ConvMixerFeatures whose forward gives the ``out_indices`` feature maps (default: all)."""
-    from .weights import description_of, load_pretrained, shipped_weights
+    from .weights import decode_metadata, load_pretrained, read_metadata, shipped_weights
     variant = VARIANTS.get(name)
     if pretrained is True and variant is not None and variant.url is None and variant.shipped:
         pretrained = variant.shipped
     kwargs = model_kwargs(name)
     shipped = shipped_weights(pretrained)
-    described = description_of(shipped) if shipped is not None else {}  # shipped weights: their own architecture
+    described = decode_metadata(read_metadata(shipped), shipped) if shipped else {}  # their own architecture
     kwargs.update({k: v for k, v in described.get("model_args", {}).items() if k != "fast"})
     unknown = sorted(set(overrides) - set(inspect.signature(ConvMixer).parameters))
     if unknown:

@@ -226,14 +226,18 @@ def save_checkpoint(path: Path, state: dict):
 RESUME_SECTIONS = ("optimizer", "rng", "epoch", "batch_in_epoch", "step", "best", "classes")
 
 
+def is_training_checkpoint(obj) -> bool:
+    """Whether a loaded .pt file is a run's checkpoint (weights, architecture and config), not bare weights."""
+    return isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in ("model", "model_args", "config"))
+
+
 def load_checkpoint(path: str | Path, for_resume: bool = False) -> dict:
     """A training checkpoint; ``for_resume`` also requires everything a resumed run restores."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint not found: {path}")
     ckpt = torch_load_safely(path, TrainingError)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
-            or not isinstance(ckpt.get("model_args"), dict) or not isinstance(ckpt.get("config"), dict):
+    if not is_training_checkpoint(ckpt):
         raise TrainingError(f"{path} is not a convmixer training checkpoint (<out>/last.pt); weights files go to "
                             f"eval/predict, or start a new run from them with --pretrained {path}")
     missing = [k for k in RESUME_SECTIONS if k not in ckpt] if for_resume else []

@@ -67,6 +67,14 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def physical_memory() -> int:
+    """This machine's memory in bytes (16 GiB assumed where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not Linux/POSIX
+        return 16 << 30
+
+
 def resident_mib() -> float | None:
     """This process's resident memory now (Linux), to spot growth over a long run."""
     try:

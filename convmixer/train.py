@@ -36,8 +36,8 @@ from .evaluate import evaluate
 from .model import (ConvMixer, PointwiseConv2d, correlated_depthwise, identity_depthwise, model_kwargs,
                     stats_for_channels, whiten_stem)
 from .muon import Muon, Optimizers
-from .run import (RunFolder, RunInfo, append_metrics, check_shapes, load_checkpoint, read_metrics, save_checkpoint,
-                  save_run_weights, truncate_metrics, write_config, write_summary)
+from .run import (RunFolder, RunInfo, append_metrics, check_shapes, is_training_checkpoint, load_checkpoint,
+                  read_metrics, save_checkpoint, save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
 from .weights import adapt_stem, checkpoint_filter_fn, load_into, read_metadata, read_state_dict
 
@@ -257,7 +257,7 @@ def resolve_val_split(cfg: TrainConfig) -> TrainConfig:
 
 @dataclass
 class Pretrained:
-    """Trained weights to fine-tune from: the file (named in messages) and its tensors, read once."""
+    """Trained weights to fine-tune from: the file (named in messages) and its weights, read once."""
     path: Path
     state: dict
     info: RunInfo | None  # what the file says about its model and data, when it says anything
@@ -278,8 +278,9 @@ def _pretrained(cfg: TrainConfig) -> Pretrained:
         meta = read_metadata(path)
         if "classes" in meta and "model_args" in meta:
             info = RunInfo.from_metadata(meta, path)
-    elif all(isinstance(state.get(k), dict) for k in ("model", "model_args", "config")):
+    elif is_training_checkpoint(state):
         info = RunInfo.from_dict(state, path)  # a run's training checkpoint carries its RunInfo too
+    state = checkpoint_filter_fn(state)  # the weights alone (a checkpoint's optimizer state is let go here)
     if info is not None:  # the architecture we will build comes from the file: it must be the tensors'
         check_shapes(info.model_args, state, path)
     return Pretrained(path, state, info)
@@ -381,7 +382,7 @@ def _make_model(cfg: TrainConfig, found: dict, arch: dict, source: Pretrained | 
     if fresh:
         _init_depthwise(model, cfg, source)
     if source is not None:
-        state = adapt_stem(checkpoint_filter_fn(source.state), model)  # RGB weights, grey data
+        state = adapt_stem(source.state, model)  # RGB weights, grey data
         skipped = load_into(model, state, strict=False, source=str(source))
         if rank == 0:
             print(f"fine-tuning from {source}" + (f"; new (not loaded): {', '.join(skipped)}" if skipped else ""))

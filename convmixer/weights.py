@@ -38,11 +38,6 @@ def decode_metadata(meta: dict, source) -> dict:
     return d
 
 
-def description_of(path: str | os.PathLike) -> dict:
-    """The decoded model description of a weights file ({} for a file without one)."""
-    return decode_metadata(read_metadata(path), path)
-
-
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` and rename the result over ``path``: a crash or a full disk
     leaves the previous file intact."""
