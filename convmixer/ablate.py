@@ -3,6 +3,7 @@ size, patch size, residual connections, normalisation, activation, each augmenta
 summarised as a Markdown table and a bar chart."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -54,42 +55,59 @@ def run_grid(base: str | None, grid: dict, out: str | Path, overrides: dict | No
     from .train import train
     from .weights import atomic_write
     out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    budget = {} if full else dict(REDUCED)
-    overrides = dict(overrides or {})
-    _claim(out, {"config": base, **{k: str(v) for k, v in {**budget, **overrides}.items()}})
+    cells = _cells(base, grid, out, {} if full else dict(REDUCED), dict(overrides or {}))  # all checked first
+    _claim(out, _shared_settings(cells[0]["cfg"], grid))
     results = []
-    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    for i, cell in enumerate(cells, 1):
+    try:
+        for i, c in enumerate(cells, 1):
+            record_path = c["dir"] / "cell.json"
+            record = _read_cell(record_path)
+            if record is not None:
+                print(f"[{i}/{len(cells)}] {c['name']}: done before ({100 * record['val_top1']:.2f}%)")
+                results.append(record)
+                continue
+            resume = c["dir"] / "last.pt" if (c["dir"] / "last.pt").is_file() else None
+            print(f"[{i}/{len(cells)}] {c['name']}" + (" (resuming)" if resume else ""), flush=True)
+            start = time.time()
+            summary = train(c["cfg"], resume=resume, overwrite=resume is None)  # the grid owns its cells' folders
+            if summary.get("interrupted"):
+                print("interrupted: run the same command again to continue")
+                break
+            metrics = read_metrics(c["dir"])
+            record = dict(cell=c["cell"], name=c["name"], val_top1=summary["final_val_top1"],
+                          best_val_top1=summary["best_val_top1"], params=summary["params"],
+                          seconds=time.time() - start,
+                          images_per_second=sum(m["images_per_second"] for m in metrics) / len(metrics),
+                          epochs=c["cfg"].epochs, command=c["command"])
+            atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+            results.append(record)
+    finally:  # the cells finished so far are reported also when a later one fails
+        if results:
+            write_report(results, out, grid)
+    return results
+
+
+def _cells(base: str | None, grid: dict, out: Path, budget: dict, overrides: dict) -> list[dict]:
+    """Every cell of the grid with its folder, command and config, each config built (so checked) before
+    any cell trains: a bad value in the last cell is refused before hours go into the first."""
+    cells = []
+    for values in itertools.product(*grid.values()):
+        cell = dict(zip(grid, values))
         name = cell_name(cell)
-        cell_dir = out / "cells" / name.replace("/", "_")
-        settings = {**budget, **overrides, **cell, "out": str(cell_dir), "progress": False}
+        folder = out / "cells" / name.replace("/", "_")
+        settings = {**budget, **overrides, **cell, "out": str(folder), "progress": False}
         command = "convmixer train" + (f" --config {base}" if base else "") + "".join(
             f" {k}={v}" for k, v in settings.items())
-        record_path = cell_dir / "cell.json"
-        record = _read_cell(record_path)
-        if record is not None:
-            print(f"[{i}/{len(cells)}] {name}: done before ({100 * record['val_top1']:.2f}%)")
-            results.append(record)
-            continue
         cfg = make_config(base, {k: str(v) for k, v in settings.items()})
-        resume = cell_dir / "last.pt" if (cell_dir / "last.pt").is_file() else None
-        print(f"[{i}/{len(cells)}] {name}" + (" (resuming)" if resume else ""), flush=True)
-        start = time.time()
-        summary = train(cfg, resume=resume, overwrite=resume is None)  # the grid owns its cells' folders
-        if summary.get("interrupted"):
-            print("interrupted: run the same command again to continue")
-            break
-        metrics = read_metrics(cell_dir)
-        record = dict(cell=cell, name=name, val_top1=summary["final_val_top1"], best_val_top1=summary["best_val_top1"],
-                      params=summary["params"], seconds=time.time() - start,
-                      images_per_second=sum(m["images_per_second"] for m in metrics) / len(metrics),
-                      epochs=cfg.epochs, command=command)
-        atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-        results.append(record)
-    if results:
-        write_report(results, out, grid)
-    return results
+        cells.append(dict(cell=cell, name=name, dir=folder, command=command, cfg=cfg))
+    return cells
+
+
+def _shared_settings(cfg, grid: dict) -> dict:
+    """The resolved settings every cell shares (all but the grid's keys and the cell's folder), as JSON
+    values: compared as values, so ``lr=.01`` is ``lr=0.01``, and an edited config file is seen."""
+    values = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return {k: v for k, v in values.items() if k not in grid and k not in ("out", "progress")}
 
 
 def _claim(out: Path, shared: dict) -> None:
@@ -98,14 +116,15 @@ def _claim(out: Path, shared: dict) -> None:
     from .weights import atomic_write
     path = out / "grid.json"
     try:
-        before = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        before = None  # unreadable: rewritten below
+        before = json.loads(path.read_text()).get("settings") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        before = None  # unreadable, or an older format: rewritten below
     if isinstance(before, dict) and before != shared:
         key = next(k for k in sorted(set(before) | set(shared), key=str) if before.get(k) != shared.get(k))
         raise ConfigError(f"{out} holds a grid trained with {key}={before.get(key)} (now {shared.get(key)}): use "
                           f"another --out, or delete {out} to start over")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(shared, indent=2)))
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"settings": shared}, indent=2)))
 
 
 def _read_cell(path: Path) -> dict | None:

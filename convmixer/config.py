@@ -158,6 +158,9 @@ class TrainConfig:
     def validate(self):
         from .data import DATASETS
         from .model import VARIANTS
+        for f in dataclasses.fields(self):  # values a program set directly are converted as a file's would be
+            value = getattr(self, f.name)
+            setattr(self, f.name, coerce(f.name, os.fspath(value) if isinstance(value, os.PathLike) else value))
         if self.model not in VARIANTS:
             close = difflib.get_close_matches(self.model, VARIANTS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

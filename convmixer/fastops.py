@@ -62,10 +62,11 @@ class _DepthwiseConv2d(torch.autograd.Function):
             planes = F.pad(x.contiguous(), (pad, pad, pad, pad)).view(1, n * channels, h + 2 * pad, w + 2 * pad)
             kernels = grad.to(x.dtype).contiguous().view(n * channels, 1, h, w)
             per_sample = F.conv2d(planes, kernels, groups=n * channels)
-            grad_w = per_sample.view(n, channels, 2 * pad + 1, 2 * pad + 1).sum(0, dtype=torch.float32)
+            acc = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+            grad_w = per_sample.view(n, channels, 2 * pad + 1, 2 * pad + 1).sum(0, dtype=acc)
             grad_w = grad_w.unsqueeze(1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+            grad_b = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(weight.dtype)
         return grad_x, grad_w, grad_b
 
 
@@ -78,15 +79,17 @@ ONEDNN_BACKWARD_MAX_KERNEL = 3
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise convolution, stride 1, padding "same" (odd kernels), with a faster backward on CPU.
-    Falls back to F.conv2d for even kernels, for CUDA, where cuDNN's backward is already good, and for
-    kernels of 3 or less, where oneDNN's is (ONEDNN_BACKWARD_MAX_KERNEL)."""
+    """Depthwise convolution, stride 1, padding "same", with a faster backward on CPU for odd square kernels.
+    Falls back to F.conv2d for other kernels, for CUDA, where cuDNN's backward is already good, for kernels
+    of 3 or less, where oneDNN's is (ONEDNN_BACKWARD_MAX_KERNEL), for empty batches, and under torch.func
+    transforms and forward-mode AD."""
     k = weight.shape[-1]
     if (torch.jit.is_scripting() or torch.jit.is_tracing() or k % 2 == 0 or x.device.type != "cpu"
             or k <= ONEDNN_BACKWARD_MAX_KERNEL  # PyTorch's op; autocast, where on, casts as for any convolution
-            or _under_torch_func()):
+            or weight.shape[-2] != k or weight.shape[1] != 1 or x.numel() == 0
+            or under_torch_func() or has_tangent(x, weight, bias)):
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
-    if torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu") and x.dtype == torch.float32:  # as autocast casts: float64 stays
         x = x.to(torch.get_autocast_dtype("cpu"))
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
@@ -94,7 +97,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _DepthwiseConv2d.apply(x, weight, bias)
 
 
-def _under_torch_func() -> bool:
+def has_tangent(*tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode AD tangent (torch.autograd.forward_ad), which the
+    fast paths do not propagate: PyTorch's own ops serve there."""
+    from torch.autograd import forward_ad
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def under_torch_func() -> bool:
     """Inside torch.func transforms (vmap, grad, jacrev: per-sample gradients), which refuse an autograd
     Function without a vmap rule: PyTorch's own convolution serves there."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private; absent: assume not
@@ -109,6 +119,7 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     autocast oneDNN's 1x1 convolution is the faster of the two (pointwise_linear_bf16.txt)."""
     if (torch.jit.is_scripting() or torch.jit.is_tracing() or x.device.type != "cpu" or x.ndim != 4
             or torch.is_autocast_enabled("cpu") or not x.dtype == torch.float32 == weight.dtype
+            or x.numel() == 0 or under_torch_func()  # vmap refuses the layout query below
             or not x.is_contiguous(memory_format=torch.channels_last)):
         return F.conv2d(x, weight, bias)
     return pointwise_linear(x, weight, bias)
@@ -120,7 +131,7 @@ def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last memory is (N, H, W, C)
     out = F.linear(rows, weight.view(weight.shape[0], c), bias)
-    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return out.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
 
 
 # One activation of a tile of images: small enough to stay cached between the passes over it. On the 2-core

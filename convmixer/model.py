@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ModelError
-from .fastops import conv_act, depthwise_conv2d, inference_tile, pointwise_conv2d
+from .fastops import conv_act, depthwise_conv2d, has_tangent, inference_tile, pointwise_conv2d, under_torch_func
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 NORMS = {
@@ -139,6 +139,14 @@ def correlated_depthwise(model: nn.Module, scale: float, seed: int = 0) -> None:
         layer.weight.copy_(weight.view_as(layer.weight))
 
 
+def _check_pool(num_classes: int, pool) -> None:
+    """timm's global_pool: "avg", or "" (no pooling, so no classifier: forward_head returns the maps)."""
+    if pool not in ("avg", ""):
+        raise ModelError(f"global_pool {pool!r}: ConvMixer pools by average (\"avg\") or not at all (\"\")")
+    if pool == "" and num_classes:
+        raise ModelError("global_pool='' keeps the feature maps, which a classifier cannot take: use num_classes=0")
+
+
 class ConvMixer(nn.Module):
     def __init__(
         self,
@@ -153,6 +161,7 @@ class ConvMixer(nn.Module):
         residual: bool = True,
         norm_layer: str = "batchnorm",
         fast: bool = True,
+        global_pool: str = "avg",
     ):
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size),
@@ -163,15 +172,18 @@ class ConvMixer(nn.Module):
             raise ModelError(f"num_classes must be an integer >= 0 (0 = feature extractor), got {num_classes!r}")
         if norm_layer not in NORMS:
             raise ModelError(f"unknown norm_layer {norm_layer!r}: choose one of {sorted(NORMS)}")
+        _check_pool(num_classes, global_pool)
         # the constructor arguments, recorded by save_weights so a weights file rebuilds its model
         self.model_args = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
                                in_chans=in_chans, num_classes=num_classes, act_layer=act_layer, drop_rate=drop_rate,
                                residual=residual, norm_layer=norm_layer) if isinstance(act_layer, str) else None
+        if self.model_args is not None and global_pool == "":
+            self.model_args["global_pool"] = ""
         norm = NORMS[norm_layer]
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dim
         self.grad_checkpointing = False
-        self.global_pool = "avg"  # "" after reset_classifier(0, ""): forward_head keeps the feature maps
+        self.global_pool = global_pool  # "" (with num_classes 0): forward_head keeps the feature maps
         self.fast = fast  # also the exact CPU inference path (forward_features)
 
         self.stem = nn.Sequential(
@@ -220,15 +232,15 @@ class ConvMixer(nn.Module):
         default) or "" (no pooling: forward_head returns the feature maps, with num_classes 0)."""
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ModelError(f"num_classes must be an integer >= 0 (0 = feature extractor), got {num_classes!r}")
-        if global_pool not in (None, "avg", ""):
-            raise ModelError(f"global_pool {global_pool!r}: ConvMixer pools by average (\"avg\") or not at all (\"\")")
         pool = self.global_pool if global_pool is None else global_pool
-        if pool == "" and num_classes:
-            raise ModelError("global_pool='' keeps the feature maps, which a classifier cannot take: use num_classes=0")
+        _check_pool(num_classes, pool)
         weight = self.stem[0].weight
         self.num_classes, self.global_pool = num_classes, pool
         if self.model_args is not None:
             self.model_args["num_classes"] = num_classes
+            self.model_args.pop("global_pool", None)
+            if pool == "":
+                self.model_args["global_pool"] = ""
         self.head = (nn.Linear(self.dim, num_classes, device=weight.device, dtype=weight.dtype) if num_classes > 0
                      else nn.Identity())
 
@@ -292,13 +304,18 @@ class ConvMixer(nn.Module):
         return x
 
     def _cpu_inference(self, x: torch.Tensor) -> bool:
-        """Eval mode, no gradients, on a CPU, in eager mode: the exact fast path of fastops point 4."""
+        """Eval mode, no gradients, on a CPU, in eager mode, no hooks: the exact fast path of fastops point 4
+        (it calls the layers' functions, not the modules, so a module's hooks would not run)."""
         if not getattr(self, "fast", True) or self.training or torch.is_grad_enabled() or x.device.type != "cpu":
             return False
-        if any(m.training for m in self.modules()):  # e.g. BatchNorm layers recalibrating under no_grad
+        from torch.nn.modules import module as nn_module
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        if any(m.training or m._forward_hooks or m._forward_pre_hooks  # BatchNorm recalibrating; a feature hook,
+               for m in self.modules() if m is not self):               # pruning's weight pre-hook
             return False
         return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                    or torch.compiler.is_compiling())
+                    or torch.compiler.is_compiling() or under_torch_func() or has_tangent(x))
 
     def _inference_features(self, x: torch.Tensor) -> torch.Tensor:
         """forward_features for one tile of images, each convolution fused with its activation (fp32)."""

@@ -106,7 +106,8 @@ class RunInfo:
         from .model import ACTIVATIONS, NORMS
         kinds = {"act_layer": lambda v: v in ACTIVATIONS, "norm_layer": lambda v: v in NORMS,
                  "residual": lambda v: isinstance(v, bool), "fast": lambda v: isinstance(v, bool),
-                 "drop_rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1}
+                 "drop_rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                 "global_pool": lambda v: v in ("avg", "")}
         unknown = sorted(set(args) - set(LIMITS) - set(kinds) - {"img_size"})
         wrong = [k for k, ok in kinds.items() if k in args and not ok(args[k])]
         if unknown or wrong:
@@ -320,12 +321,14 @@ def write_config(path: Path, config: dict):
 class RunFolder:
     """Exclusive use of a run folder. ``open`` refuses a folder that another process is training in
     (the lock names its pid and host; the kernel drops it when that process dies, kill -9 included),
-    refuses to start a new run over an existing one unless ``overwrite``, and removes temporaries
-    that a killed write left behind."""
+    refuses to start a new run over an existing one unless ``overwrite`` (the old run is then deleted by
+    ``clear_replaced`` once the new one has started), and removes temporaries that a killed write of a
+    run file left behind."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = None
+        self.replaced: list[str] = []
 
     def open(self, resume: bool, overwrite: bool = False) -> "RunFolder":
         import fcntl
@@ -358,19 +361,27 @@ class RunFolder:
         return self
 
     def _prepare(self, resume: bool, overwrite: bool):
-        for tmp in self.path.glob(".*.tmp"):  # left by a write that was killed (we hold the lock)
-            tmp.unlink(missing_ok=True)
+        names = RUN_FILES + ("epoch_*.pt", "tensorboard")
+        for name in names:  # temporaries left by a write that was killed (we hold the lock); no other file
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        self.replaced = []
         if resume:
             return
-        existing = [name for name in RUN_FILES if (self.path / name).exists()]
-        existing += sorted(p.name for p in self.path.glob("epoch_*.pt"))
+        existing = [found for pattern in names for found in sorted(p.name for p in self.path.glob(pattern))]
         if existing and not overwrite:
             hint = (f"continue it with --resume {self.path / 'last.pt'}, " if (self.path / "last.pt").exists() else "")
             raise TrainingError(f"{self.path} already holds a run ({', '.join(existing[:4])}): {hint}choose another "
                                 f"--out, or pass --overwrite to replace it")
-        for name in existing:
-            (self.path / name).unlink()
-        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+        self.replaced = existing  # deleted by clear_replaced once the new run has started (data, model)
+
+    def clear_replaced(self):
+        """Delete the run that --overwrite replaces: called once the new run has built its data and model,
+        so a new run that fails to start (a typo in --data-dir) leaves the old one as it was."""
+        for name in self.replaced:
+            path = self.path / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.replaced = []
 
     def close(self):
         if self._lock is not None:

@@ -13,6 +13,7 @@ own run, in its own folder, with its own settings (config.RESUME_MUTABLE lists w
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -39,7 +40,7 @@ from .muon import Muon, Optimizers
 from .run import (RunFolder, RunInfo, append_metrics, check_shapes, is_training_checkpoint, load_checkpoint,
                   read_metrics, save_checkpoint, save_run_weights, truncate_metrics, write_config, write_summary)
 from .runtime import amp_dtype, resident_mib, setup_distributed
-from .weights import adapt_stem, checkpoint_filter_fn, load_into, read_metadata, read_state_dict
+from .weights import WeightsError, adapt_stem, checkpoint_filter_fn, load_into, read_metadata, read_state_dict
 
 
 # --- small pure policies ----------------------------------------------------------------------
@@ -268,7 +269,6 @@ class Pretrained:
 
 def _pretrained(cfg: TrainConfig) -> Pretrained:
     from .run import resolve_weights
-    from .weights import WeightsError
     path = resolve_weights(cfg.pretrained)
     if not path.is_file():
         raise WeightsError(f"--pretrained {cfg.pretrained}: no such file, run folder or shipped weights "
@@ -421,7 +421,8 @@ def _restore(run: Run, ckpt: dict) -> None:
                             f"...) and {margs['in_chans']} channel(s), but this run trained on {len(ckpt['classes'])} "
                             f"({', '.join(map(str, ckpt['classes'][:3]))}...): resume with the run's own data")
     run.restore(ckpt)
-    run.log(f"resumed from {run.out / 'last.pt'}: epoch {run.epoch + 1}, step {run.step}")
+    run.log(f"resumed at epoch {run.epoch + 1}, step {run.step}")
+    _repair_best(run, ckpt)
     longer = [f"{key} {ckpt['config'].get(key)} -> {getattr(run.cfg, key)}" for key in ("epochs", "time_limit")
               if ckpt["config"].get(key) != getattr(run.cfg, key)]
     if longer:  # progress is steps (or minutes) done over the whole length, so it moves back
@@ -431,7 +432,9 @@ def _restore(run: Run, ckpt: dict) -> None:
 
 
 def _open_logs(run: Run, ckpt: dict | None) -> None:
-    """Rank 0: the run's config.yaml, its metrics cut back to the checkpoint on resume, and TensorBoard."""
+    """Rank 0: the run's config.yaml (the run --overwrite replaces deleted first), its metrics cut back to
+    the checkpoint on resume, and TensorBoard."""
+    run.folder.clear_replaced()
     write_config(run.out / "config.yaml", dataclasses.asdict(run.cfg))
     if ckpt is not None:
         truncate_metrics(run.out / "metrics.jsonl", run.epoch, ckpt.get("record"))
@@ -669,8 +672,7 @@ def end_of_epoch(run: Run, last: bool) -> dict:
         if cfg.save_every and run.epoch % cfg.save_every == 0:
             save_checkpoint(run.out / f"epoch_{run.epoch:04d}.pt", run.checkpoint(record))
         if improved:
-            use_ema = run.ema is not None and record.get("val_top1_ema", -1) >= record["val_top1"]
-            save_run_weights(run.ema.module if use_ema else run.model, run.out / "best.safetensors", run.info, record)
+            save_run_weights(_scored(run, record), run.out / "best.safetensors", run.info, record)
         _print_epoch(record, header=not run.printed)
         run.printed = True
         append_metrics(run.out / "metrics.jsonl", record)
@@ -680,6 +682,27 @@ def end_of_epoch(run: Run, last: bool) -> dict:
     if run.world > 1:
         dist.barrier()
     return record
+
+
+def _scored(run: Run, record: dict) -> torch.nn.Module:
+    """The weights behind an epoch's best score: the EMA's when it scored at least the model's."""
+    use_ema = run.ema is not None and record.get("val_top1_ema", -1) >= record["val_top1"]
+    return run.ema.module if use_ema else run.model
+
+
+def _repair_best(run: Run, ckpt: dict) -> None:
+    """best.safetensors is written after last.pt: a kill or a full disk between the two leaves it older than
+    the best epoch the checkpoint records. It is rewritten from the checkpoint's own weights on resume."""
+    record, path = ckpt.get("record") or {}, run.out / "best.safetensors"
+    if run.rank != 0 or run.best.get("epoch") != ckpt["epoch"] or record.get("epoch") != ckpt["epoch"]:
+        return
+    try:
+        written = json.loads(read_metadata(path).get("metrics") or "{}").get("epoch") if path.is_file() else None
+    except (WeightsError, ValueError, AttributeError):
+        written = None  # unreadable: rewritten
+    if written != ckpt["epoch"]:
+        save_run_weights(_scored(run, record), path, run.info, record)
+        run.log(f"best.safetensors rewritten with epoch {ckpt['epoch']}'s weights (the write after last.pt was lost)")
 
 
 def _validate(run: Run, record: dict) -> bool:
@@ -763,11 +786,14 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
     the run's only in config.RESUME_MUTABLE.
     ``overwrite``: replace a finished or abandoned run in ``cfg.out`` instead of refusing."""
     ckpt = load_checkpoint(resume, for_resume=True) if resume else None
-    cfg = resolve_val_split(cfg) if cfg is not None else None
+    # checked also when a program built the config itself (TrainConfig(eval_every=0) or epochs="3")
+    cfg = resolve_val_split(dataclasses.replace(cfg).validate()) if cfg is not None else None
     if ckpt is not None:
         cfg = resumed_config(ckpt, Path(resume), cfg, changes)
     elif cfg is None:
         raise ConfigError("train() needs a config, or resume= a checkpoint")
+    # the data folder saved absolute, so that a resume or an eval from another directory finds it
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     if ckpt is not None:
         _refuse_an_earlier_checkpoint(ckpt, Path(resume))
     caller = _process_settings()  # restored at the end: a program that calls train() keeps its own

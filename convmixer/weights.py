@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import errno
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -39,24 +40,38 @@ def decode_metadata(meta: dict, source) -> dict:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result over ``path``: a crash or a full disk
-    leaves the previous file intact."""
+    """Call ``write(tmp_path)`` and rename the result over ``path``: a crash or a full disk leaves the
+    previous file intact. A failure is an OSError naming ``path`` (not the temporary file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the user's umask applies
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and (e.filename is None or os.fspath(e.filename) == os.fspath(tmp)):
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power cut (where the file system supports it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_output_file(path, suffixes: tuple[str, ...], overwrite: bool = False) -> Path:
@@ -223,7 +238,15 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict
         meta["model_args"] = json.dumps(model.model_args)
         meta["model_name"] = getattr(model, "model_name", "")
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: _save_file(save_file, tensors, tmp, meta))
+
+
+def _save_file(save_file, tensors: dict, tmp, meta: dict) -> None:
+    from safetensors import SafetensorError
+    try:
+        save_file(tensors, tmp, metadata=meta)
+    except SafetensorError as e:  # safetensors reports a full disk or an unwritable file in its own type
+        raise OSError(errno.EIO, (str(e).splitlines() or ["write failed"])[0], str(tmp)) from e
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> torch.nn.Module:

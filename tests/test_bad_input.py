@@ -680,9 +680,41 @@ def test_ablate_refuses_a_grid_folder_with_other_settings(tmp_path, fashion_dir,
     first = run_grid(None, grid, tmp_path / "abl", fixed, full=True)
     with pytest.raises(ConfigError, match="epochs=1 \\(now 2\\).*another --out"):
         run_grid(None, grid, tmp_path / "abl", {**fixed, "epochs": "2"}, full=True)
-    with pytest.raises(ConfigError, match="eval_every=None \\(now 100\\)"):
+    with pytest.raises(ConfigError, match="eval_every=1 \\(now 100\\)"):
         run_grid(None, grid, tmp_path / "abl", fixed)  # the reduced budget is another setting too
     assert run_grid(None, grid, tmp_path / "abl", fixed, full=True) == first  # the same settings: done before
+    spelled = {**fixed, "lr": "." + fixed["lr"].split(".", 1)[1]} if fixed["lr"].startswith("0.") else fixed
+    assert run_grid(None, grid, tmp_path / "abl", spelled, full=True) == first  # values compared, not strings
+
+
+def test_ablate_checks_every_cell_before_training_any(tmp_path, fashion_dir, capsys):
+    from convmixer.ablate import parse_grid, run_grid
+    fixed = {k: str(v) for k, v in {**TINY, "data_dir": str(fashion_dir), "epochs": 1, "subset": 200,
+                                    "val_split": 50}.items()}
+    with pytest.raises(ConfigError, match="patch_size"):  # the last cell's value is out of range
+        run_grid(None, parse_grid(["patch_size=2,100000"]), tmp_path / "abl", fixed, full=True)
+    assert not (tmp_path / "abl").exists()  # nothing trained, nothing claimed
+    with pytest.raises(ConfigError, match="no_such_config"):  # a typo in --config claims nothing either
+        run_grid("no_such_config", parse_grid(["kernel_size=3"]), tmp_path / "abl", fixed, full=True)
+    assert run_grid(None, parse_grid(["kernel_size=3"]), tmp_path / "abl", fixed, full=True)  # then it runs
+
+
+def test_ablate_reports_the_finished_cells_when_a_later_one_fails(tmp_path, fashion_dir, monkeypatch):
+    from convmixer import train as train_module
+    from convmixer.ablate import parse_grid, run_grid
+    fixed = {k: str(v) for k, v in {**TINY, "data_dir": str(fashion_dir), "epochs": 1, "subset": 200,
+                                    "val_split": 50}.items()}
+    real, calls = train_module.train, []
+
+    def fails_second(cfg, **kw):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(cfg, **kw)
+    monkeypatch.setattr(train_module, "train", fails_second)
+    with pytest.raises(OSError, match="disk full"):
+        run_grid(None, parse_grid(["kernel_size=3,5"]), tmp_path / "abl", fixed, full=True)
+    assert "kernel_size=3" in (tmp_path / "abl" / "results.md").read_text()
 
 
 def test_foreign_state_dict_keys_give_one_line():

@@ -61,7 +61,7 @@ def test_resume_restores_the_runs_own_settings_and_folder(tmp_path, fashion_dir,
     assert snapshot(out) == before
 
 
-def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys, monkeypatch):
+def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys):
     out = tmp_path / "k11"
     assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
     before = snapshot(out)
@@ -70,21 +70,68 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys,
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
     assert snapshot(out) == before
-    # a run that crashes at its first step after the refusal point still touched nothing: it never started
-    import convmixer.train as train_module
-
-    def crash(*a, **k):
-        raise RuntimeError("crash at step 1")
-    monkeypatch.setattr(train_module, "train_step", crash)
-    with pytest.raises(TrainingError):
-        train(cfg(tmp_path, fashion_dir, out=str(out), epochs=2))
+    # --overwrite deletes the old run only once the new one has its data and model: one that cannot start
+    # (a typo in --data-dir) leaves it as it was
+    assert main(cli_args(fashion_dir, out, "--epochs", "2", "--overwrite", "--data-dir", str(tmp_path / "typo"),
+                     "--download", "false")) == 2
+    assert "typo" in capsys.readouterr().err
     assert snapshot(out) == before
-    monkeypatch.undo()
     # an explicit --overwrite replaces it
     assert main(cli_args(fashion_dir, out, "--epochs", "2", "--overwrite")) == 0
     assert epochs_logged(out) == [1, 2]
     # --overwrite with --resume is a contradiction
     assert main(["train", "--resume", str(out / "last.pt"), "--overwrite"]) == 2
+
+
+def test_tensorboard_logs_and_other_files_in_the_folder_are_left_alone(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "mine"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.1").write_text("the user's own logs")
+    (out / ".notes.tmp").write_text("an editor's file")
+    assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 2
+    assert "already holds a run (tensorboard)" in capsys.readouterr().err
+    assert (out / "tensorboard" / "events.1").exists() and (out / ".notes.tmp").exists()
+    (out / ".last.pt.x1y2z3.tmp").write_bytes(b"cut short")  # a killed write of a run file
+    assert main(cli_args(fashion_dir, out, "--epochs", "1", "--overwrite")) == 0
+    assert not (out / "tensorboard").exists() and not (out / ".last.pt.x1y2z3.tmp").exists()
+    assert (out / ".notes.tmp").read_text() == "an editor's file"
+
+
+def test_a_config_built_in_python_is_checked_and_converted(tmp_path, fashion_dir):
+    from convmixer.config import TrainConfig
+    base = {**TINY, "data_dir": str(fashion_dir), "out": str(tmp_path / "py")}
+    with pytest.raises(ConfigError, match="eval_every=0"):  # was a ZeroDivisionError after the first epoch
+        train(TrainConfig(**{**base, "eval_every": 0}))
+    with pytest.raises(ConfigError, match="epochs"):
+        train(TrainConfig(**{**base, "epochs": "two"}))
+    assert not (tmp_path / "py").exists()
+    summary = train(TrainConfig(**{**base, "epochs": "1", "residual": "false", "subset": 64}))
+    saved = torch.load(tmp_path / "py" / "last.pt", weights_only=True)["config"]
+    assert summary["params"] and saved["epochs"] == 1 and saved["residual"] is False
+
+
+def test_a_relative_data_dir_is_saved_absolute_so_resume_works_anywhere(tmp_path, fashion_dir, monkeypatch):
+    monkeypatch.chdir(fashion_dir.parent)
+    out = tmp_path / "rel"
+    train(make_config(None, {**TINY, "data_dir": fashion_dir.name, "out": str(out), "epochs": 1, "subset": 64}))
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["data_dir"] == str(fashion_dir)
+    monkeypatch.chdir(tmp_path / "rel")  # no such data folder here
+    assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]) == 0
+    assert epochs_logged(out) == [1, 2]
+
+
+def test_a_lost_best_weights_write_is_repaired_on_resume(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "run"
+    train(cfg(tmp_path, fashion_dir, epochs=1, val_split=100))
+    best = out / "best.safetensors"
+    written = best.read_bytes()
+    best.write_bytes(b"older weights")  # a kill between last.pt and best.safetensors leaves the older file
+    capsys.readouterr()
+    train(None, resume=out / "last.pt")  # the finished run: nothing to train, the best put right
+    assert "best.safetensors rewritten with epoch 1" in capsys.readouterr().out
+    assert best.read_bytes() == written
+    train(None, resume=out / "last.pt")
+    assert "rewritten" not in capsys.readouterr().out  # an intact one is left alone
 
 
 HOLDER = """

@@ -341,3 +341,72 @@ def test_per_sample_gradients_with_torch_func():
         one = grad(loss)(params, x[i], y[i])
         for name in params:
             torch.testing.assert_close(per_sample[name][i], one[name])
+
+
+def test_module_hooks_fire_on_the_fast_inference_path():
+    """The fused CPU inference calls the layers' functions; a hook on any layer must send it the module way."""
+    model = randomize_bn(ConvMixer(dim=16, depth=3, kernel_size=5, patch_size=2, num_classes=4)).eval()
+    x = torch.randn(3, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    seen = []
+    handle = model.blocks[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        out = model(x)
+    assert seen == [(3, 16, 8, 8)]
+    handle.remove()
+    handle = model.stem[0].register_forward_pre_hook(lambda m, i: (i[0] * 0,))  # e.g. pruning's weight pre-hook
+    with torch.no_grad():
+        zeroed = model(x)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.allclose(model(x), out, atol=1e-5) and not torch.allclose(zeroed, out, atol=1e-3)
+
+
+def test_vmap_forward_model_ensembling():
+    """torch.func.vmap over stacked parameters (PyTorch's model-ensembling recipe), without grad: the pointwise
+    fast path asked for a memory layout that vmap refuses."""
+    from torch.func import functional_call, stack_module_state, vmap
+    models = [ConvMixer(dim=8, depth=1, kernel_size=5, patch_size=2, num_classes=3).eval() for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = vmap(lambda p, b, xi: functional_call(models[0], (p, b), (xi,)), in_dims=(0, 0, None))(params, buffers, x)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in models])
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_timm_global_pool_argument():
+    model = create_model("convmixer_256_8", num_classes=0, global_pool="")
+    assert model.forward_head(model.forward_features(torch.randn(1, 3, 32, 32))).shape == (1, 256, 16, 16)
+    assert ConvMixer(16, 1, global_pool="avg", num_classes=0)(torch.randn(1, 3, 14, 14)).shape == (1, 16)
+    for bad in (dict(global_pool="max"), dict(global_pool="", num_classes=10)):
+        with pytest.raises(convmixer.ConvMixerError, match="global_pool"):
+            ConvMixer(16, 1, **bad)
+    assert model.model_args["global_pool"] == "" and ConvMixer(**model.model_args).global_pool == ""
+
+
+def test_fast_depthwise_edge_cases_match_pytorch():
+    torch.manual_seed(0)
+    # float64 gradients in float64 (they were summed in float32)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    fast = torch.autograd.grad(depthwise_conv2d(x, w, b).square().sum(), (x, w, b))
+    ref = torch.autograd.grad(F.conv2d(x, w, b, padding=2, groups=4).square().sum(), (x, w, b))
+    for f, r in zip(fast, ref):
+        assert f.dtype == torch.float64 and torch.allclose(f, r, rtol=1e-12, atol=1e-12)
+    # forward-mode AD (dual tensors) falls back to PyTorch's op, which propagates the tangent
+    import torch.autograd.forward_ad as fwAD
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = depthwise_conv2d(fwAD.make_dual(x.detach(), t), w, b)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert torch.allclose(tangent, F.conv2d(t, w, None, padding=2, groups=4), atol=1e-10)
+    # a non-square kernel keeps the "same" size; an empty batch gives an empty output, forward and backward
+    w35 = torch.randn(4, 1, 3, 5, requires_grad=True)
+    x32 = torch.randn(1, 4, 6, 7)
+    assert torch.allclose(depthwise_conv2d(x32, w35, None), F.conv2d(x32, w35, padding="same", groups=4), atol=1e-6)
+    empty = torch.zeros(0, 4, 9, 9, requires_grad=True)
+    depthwise_conv2d(empty, w.float(), None).sum().backward()
+    assert empty.grad.shape == empty.shape
+    model = ConvMixer(dim=8, depth=1, kernel_size=5, patch_size=2, num_classes=3).eval()
+    assert model(torch.zeros(0, 3, 8, 8).contiguous(memory_format=torch.channels_last)).shape == (0, 3)
