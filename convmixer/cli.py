@@ -155,7 +155,7 @@ def cmd_eval(args):
     check_range("--workers", args.workers, *RANGES["workers"][:2])
     if args.confusion_png:  # a name matplotlib cannot write is found now, not after the evaluation
         from .viz import check_figure_path
-        check_figure_path(args.confusion_png)
+        check_figure_path(args.confusion_png, args.overwrite, "--confusion-png")
     model, info = load_model(args.checkpoint)
     data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                           args.skip_bad_images)
@@ -227,21 +227,26 @@ def cmd_cache(args):
 
 
 def cmd_predict(args):
-    from .evaluate import predict
+    from .evaluate import image_files, predict
     from .run import load_model
     if str(args.checkpoint).endswith(".onnx"):
         from .export import load_onnx
         model, info = load_onnx(args.checkpoint)
     else:
         model, info = load_model(args.checkpoint)
-    results = predict(model, info, args.images, top_k=args.top_k)
+    results = predict(model, info, image_files(args.images), top_k=args.top_k, skip_bad_images=args.skip_bad_images)
+    skipped = [r for r in results if "error" in r]
     if args.json:
         print(json.dumps(results))
-        return 0
-    for r in results:  # a file name that is not valid UTF-8 is printed with its odd bytes escaped
-        print(os.fsencode(r["file"]).decode(errors="backslashreplace"))
-        for t in r["top"]:
-            print(f"  {t['class']:<20} {100 * t['probability']:6.2f}%")
+    else:
+        for r in results:  # a file name that is not valid UTF-8 is printed with its odd bytes escaped
+            print(os.fsencode(r["file"]).decode(errors="backslashreplace"))
+            for t in r.get("top", []):
+                print(f"  {t['class']:<20} {100 * t['probability']:6.2f}%")
+            if "error" in r:
+                print("  skipped: unreadable")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['error']}", file=sys.stderr)
     return 0
 
 
@@ -267,10 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_eval_parser(sub)
 
-    p = sub.add_parser("predict", help="top-k classes for image files")
+    p = sub.add_parser("predict", help="top-k classes for image files (or folders)")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    p.add_argument("images", nargs="+", help="image files (any format Pillow reads) and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="report unreadable files (in the JSON: {file, error}) and go on, instead of stopping at the first")
     p.add_argument("--json", action="store_true", help="print a JSON array: one object (file, top) per image")
     p.set_defaults(func=cmd_predict)
 
@@ -335,6 +342,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object with top1, top5, n, loss")
     p.add_argument("--full", action="store_true", help="with --json: also per-class accuracy and confusion matrix")
     p.add_argument("--confusion-png", default=None, help="write the confusion matrix as a PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace --confusion-png if it exists")
     p.set_defaults(func=cmd_eval)
 
 

@@ -59,6 +59,20 @@ class ImageData:
                          None if self.images is None else self.images[index],
                          None if self.files is None else [self.files[i] for i in index.tolist()], self.channels)
 
+    def with_channels(self, channels: int) -> "ImageData":
+        """The same images as grayscale (1) or RGB (3): a grayscale model evaluated on RGB image files, or the
+        other way round. Grayscale is Pillow's own conversion (ITU-R 601-2 luma)."""
+        if channels == self.channels:
+            return self
+        if channels not in (1, 3):
+            raise DataError(f"images are read as grayscale or RGB, not {channels} channels: evaluate this model "
+                            f"from Python on tensors you build")
+        images = self.images
+        if images is not None:
+            images = (v2.functional.rgb_to_grayscale(images) if channels == 1
+                      else images.expand(-1, 3, -1, -1).contiguous())
+        return ImageData(self.labels, self.classes, images, self.files, channels)
+
 
 # --- readers -------------------------------------------------------------------------------------
 class _ArrayUnpickler(pickle.Unpickler):

@@ -132,6 +132,7 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
         data = load_dataset(dataset, data_dir, train=False, prefer=split, **kwargs)
         if folders:
             split = split if split in folders else folders[0]
+    data = data.with_channels(info.model_args.get("in_chans", 3))  # e.g. an MNIST model on a folder of digits
     if list(data.classes) != list(info.classes):
         raise DataError(f"the data's classes {data.classes[:4]}... differ from the checkpoint's {info.classes[:4]}...: "
                         f"use a folder with the same class names")
@@ -152,28 +153,48 @@ def image_files(paths: list[str]) -> list[str]:
     return out
 
 
+def _image_channels(model) -> int:
+    """The channels image files are read with for ``model``: 1 (grayscale) or 3 (RGB); image files have no
+    other kind, so a model that takes 2 or 4 channels is refused in one line."""
+    channels = getattr(model, "in_chans", 3)
+    if channels not in (1, 3):
+        raise ConfigError(f"this model takes {channels}-channel input, and image files are read as RGB or "
+                          f"grayscale: call the model from Python on tensors you build")
+    return channels
+
+
 @torch.no_grad()
 def embed(model: ConvMixer, info: RunInfo, files: list[str], batch_size: int = 64) -> torch.Tensor:
     """Pooled features (the classifier's input, N x dim) of image files, preprocessed as for evaluation."""
-    transform = info_transform(info)
+    transform, channels = info_transform(info), _image_channels(model)
     out = []
     with eval_mode(model):
         for start in range(0, len(files), batch_size):
-            x = torch.stack([transform(decode(f, model.in_chans)) for f in files[start:start + batch_size]])
+            x = torch.stack([transform(decode(f, channels)) for f in files[start:start + batch_size]])
             out.append(model.forward_head(model.forward_features(x), pre_logits=True))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def predict(model: ConvMixer, info: RunInfo, files: list[str], top_k: int = 5, device="cpu") -> list[dict]:
-    """Top-k classes with probabilities for image files of any size and mode."""
+def predict(model: ConvMixer, info: RunInfo, files: list[str], top_k: int = 5, device="cpu",
+            skip_bad_images: bool = False) -> list[dict]:
+    """Top-k classes with probabilities for image files of any size and mode: one {file, top} per file. With
+    ``skip_bad_images`` an unreadable file gets {file, error} and the others are still predicted."""
     if top_k < 1:
         raise ConfigError(f"top-k must be at least 1, got {top_k}")
-    transform = info_transform(info)
+    if not info.classes or getattr(model, "num_classes", len(info.classes)) == 0:
+        raise ConfigError("this model has no classifier (num_classes 0): `convmixer embed` gives its features")
+    transform, channels = info_transform(info), _image_channels(model)
     results = []
     with eval_mode(model, device):
         for f in files:
-            x = transform(decode(f, model.in_chans)).unsqueeze(0).to(device)
+            try:
+                x = transform(decode(f, channels)).unsqueeze(0).to(device)
+            except DataError as e:
+                if not skip_bad_images:
+                    raise
+                results.append({"file": str(f), "error": str(e)})
+                continue
             probs = model(x).softmax(-1)[0].cpu()
             p, idx = probs.topk(min(top_k, len(probs)))
             results.append({"file": str(f), "top": [{"class": info.classes[i], "index": i, "probability": v}

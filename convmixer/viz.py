@@ -17,15 +17,17 @@ def pyplot():
     return plt
 
 
-def check_figure_path(path) -> Path:
-    """A file name matplotlib can write (by its suffix) and that is not a folder: checked before any work."""
+def check_figure_path(path, overwrite: bool = True, flag: str = "") -> Path:
+    """A file name matplotlib can write (by its suffix) and that is not a folder, in a place we may write, and
+    (unless ``overwrite``) not an existing file: checked before any work."""
     from matplotlib.backend_bases import FigureCanvasBase
+    from .weights import check_new_file
     path, formats = Path(path), FigureCanvasBase.get_supported_filetypes()
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: give a file name, e.g. {path / 'confusion.png'}")
     if path.suffix.lower().lstrip(".") not in formats:
         raise ConfigError(f"{path}: end the file name with .png (or .{', .'.join(sorted(formats))})")
-    return path
+    return check_new_file(path, overwrite, flag or "the picture")
 
 
 def save_figure(fig, path, **kwargs) -> None:
@@ -139,7 +141,21 @@ def plot_confusion(confusion, classes, path):
 
 
 def cmd_viz(args):
+    from .run import resolve_weights
     out = Path(args.out)
+    if args.confusion and not args.checkpoint:
+        raise ConfigError("--confusion evaluates a model: pass --checkpoint too")
+    runs = list(args.runs or [])
+    if args.checkpoint and not runs:  # a run's weights (or its folder): its own curves too
+        source = resolve_weights(args.checkpoint)
+        if source.is_file() and (source.parent / "metrics.jsonl").is_file():
+            runs = [str(source.parent)]
+    planned = (["patch_filters.png", "depthwise_kernels.png"] if args.checkpoint else []) + \
+        (["confusion.png"] if args.confusion else []) + (["curves.png"] if runs else [])
+    if not planned:
+        raise ConfigError("nothing to draw: pass --checkpoint and/or --runs")
+    for name in planned:  # before any work: a picture already there is replaced only with --overwrite
+        check_figure_path(out / name, args.overwrite, "--out")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.checkpoint:
@@ -155,16 +171,11 @@ def cmd_viz(args):
             result = evaluate(model.to(memory_format=torch.channels_last), data, info)
             plot_confusion(result["confusion"], info.classes, out / "confusion.png")
             written.append("confusion.png")
-    runs = list(args.runs or [])
-    if args.checkpoint and not runs and (Path(args.checkpoint).parent / "metrics.jsonl").is_file():
-        runs = [str(Path(args.checkpoint).parent)]
     if runs:
         names = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
         names = [name if names.count(name) == 1 else r for name, r in zip(names, runs)]  # a/x and b/x: both
         plot_curves({name: read_metrics(r) for name, r in zip(names, runs)}, out / "curves.png")
         written.append("curves.png")
-    if not written:
-        raise ConfigError("nothing to draw: pass --checkpoint and/or --runs")
     for name in written:
         print(out / name)
     return 0
@@ -187,6 +198,7 @@ def add_parser(sub):
     p = sub.add_parser("viz", help="PNGs: patch-embedding filters, depthwise kernels, curves, confusion matrix")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace the PNGs of the same names already in --out")
     p.add_argument("--layers", default=None, help="depthwise layers to show, 1-based, e.g. 1,4,8 (default: first, middle, last)")
     p.add_argument("--runs", nargs="*", help="run folders (or metrics.jsonl files) whose curves to overlay")
     p.add_argument("--confusion", action="store_true", help="also evaluate and draw the confusion matrix")

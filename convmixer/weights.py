@@ -82,8 +82,18 @@ def check_output_file(path, suffixes: tuple[str, ...], overwrite: bool = False) 
         raise ConfigError(f"--out {path} is a folder: give a file name, e.g. {path / ('model' + suffixes[0])}")
     if not path.name.lower().endswith(suffixes):
         raise ConfigError(f"--out {path}: end the file name with {' or '.join(suffixes)}")
+    return check_new_file(path, overwrite)
+
+
+def check_new_file(path: Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse, before any work, an existing file (unless ``overwrite``) and a place we cannot write in."""
     if path.exists() and not overwrite:
-        raise ConfigError(f"--out {path} exists: pass --overwrite to replace it, or choose another name")
+        raise ConfigError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders to be made: their first existing parent
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {folder} (permission denied): choose another place")
     return path
 
 

@@ -410,3 +410,18 @@ def test_fast_depthwise_edge_cases_match_pytorch():
     assert empty.grad.shape == empty.shape
     model = ConvMixer(dim=8, depth=1, kernel_size=5, patch_size=2, num_classes=3).eval()
     assert model(torch.zeros(0, 3, 8, 8).contiguous(memory_format=torch.channels_last)).shape == (0, 3)
+
+
+def test_an_export_that_disagrees_with_pytorch_is_not_written(tmp_path, monkeypatch):
+    from convmixer.export import export
+    model = randomize_bn(ConvMixer(16, 1, kernel_size=3, patch_size=2, num_classes=3))
+    target = tmp_path / "m.pt"
+    target.write_bytes(b"the user's earlier file")
+    assert export(model, target, "torchscript", 8)["max_abs_diff"] < 1e-4  # batches 1-3, 8 and 10 px
+    target.write_bytes(b"the user's earlier file")
+    real = torch.jit.trace
+    other = ConvMixer(16, 1, kernel_size=3, patch_size=2, num_classes=3).eval()  # a trace gone wrong
+    monkeypatch.setattr(torch.jit, "trace", lambda m, x: real(other, x))
+    with pytest.raises(convmixer.ConvMixerError, match="differing from PyTorch"):
+        export(model, target, "torchscript", 8)
+    assert target.read_bytes() == b"the user's earlier file" and len(list(tmp_path.iterdir())) == 1

@@ -308,7 +308,7 @@ def test_export(tmp_path, fashion_dir, fmt, suffix, capsys):
     out = capsys.readouterr().out
     assert target.is_file() and "wrote" in out
     if fmt != "safetensors":
-        diff = float(out.rsplit("test batch: ", 1)[1].rstrip(")\n"))
+        diff = float(out.rsplit("test batches: ", 1)[1].rstrip(")\n"))
         assert diff < 1e-4
 
 
