@@ -102,18 +102,27 @@ def _bool_flags(argv: list[str]) -> list[str]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a did-you-mean for unknown --flags, as unknown key=value words get."""
+    """argparse whose unknown --flags get a did-you-mean from the subcommand's own flags (as unknown key=value
+    words get one from the config keys), or the list of its flags."""
 
-    def error(self, message):
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(self.unknown_message(unknown, getattr(args, "command", None)))
+        return args
+
+    def unknown_message(self, unknown: list[str], command: str | None) -> str:
         import difflib
-        import re
-        unknown = re.findall(r"(--[\w-]+)", message) if "unrecognized arguments" in message else []
-        known = [s for a in self._actions for s in a.option_strings]
-        for sub in (a for a in self._actions if isinstance(a, argparse._SubParsersAction)):
-            known += [s for p in sub.choices.values() for a in p._actions for s in a.option_strings]
-        hints = [f"{u} (did you mean {close[0]}?)" for u in unknown
-                 if (close := difflib.get_close_matches(u, known, n=1))]
-        super().error(message + ("; " + ", ".join(hints) if hints else ""))
+        sub = next((a.choices[command] for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                    and command in a.choices), self)
+        known = [s for a in sub._actions for s in a.option_strings if a.help != argparse.SUPPRESS]
+        where = f"convmixer {command}" if command else "convmixer"
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        for flag in (u.split("=", 1)[0] for u in unknown if u.startswith("--")):
+            close = difflib.get_close_matches(flag, known, n=1)
+            message += (f"; {flag} is not a flag of `{where}`" +
+                        (f" (did you mean {close[0]}?)" if close else f" (`{where} --help` lists them)"))
+        return message
 
 
 def cmd_train(args):
@@ -297,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         module = _optional_command(name)
         if module is not None:
             module.add_parser(sub)
+    for choice in sub._choices_actions:  # `convmixer predict --help` opens with what the command does
+        command = sub.choices[choice.dest]
+        command.description = command.description or choice.help[:1].upper() + choice.help[1:] + "."
     return parser
 
 
@@ -385,7 +397,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(_bool_flags(argv))
+    args = parser.parse_args(argv[:1] + _bool_flags(argv[1:]) if argv[:1] == ["train"] else argv)
     args.debug = debug
     args.argv_echo = argv[1:]
     if not getattr(args, "func", None):

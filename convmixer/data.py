@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -50,6 +51,7 @@ class ImageData:
     images: torch.Tensor | None = None
     files: list[str] | None = None
     channels: int = 3
+    dropped: int = 0  # unreadable files left out when decoding with skip_bad (counted in evaluate's "skipped")
 
     def __len__(self):
         return len(self.labels)
@@ -71,7 +73,7 @@ class ImageData:
         if images is not None:
             images = (v2.functional.rgb_to_grayscale(images) if channels == 1
                       else images.expand(-1, 3, -1, -1).contiguous())
-        return ImageData(self.labels, self.classes, images, self.files, channels)
+        return ImageData(self.labels, self.classes, images, self.files, channels, self.dropped)
 
 
 # --- readers -------------------------------------------------------------------------------------
@@ -330,20 +332,29 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     cache = cache_dir() / f"images-{key}.safetensors"
     if cache.is_file():
         try:
+            from safetensors import safe_open
+            with safe_open(str(cache), framework="pt") as f:
+                bad = json.loads((f.metadata() or {}).get("unreadable", "[]"))
             t = load_file(str(cache))
-            return ImageData(t["labels"], data.classes, images=t["images"], channels=data.channels)
+            _report_unreadable(bad)
+            return ImageData(t["labels"], data.classes, images=t["images"], channels=data.channels, dropped=len(bad))
         except Exception:
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
     images, labels, bad = _decode_all(data, size, skip_bad, progress)
-    if bad:
-        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
-    out = ImageData(labels, data.classes, images=images, channels=data.channels)
+    _report_unreadable(bad)
+    out = ImageData(labels, data.classes, images=images, channels=data.channels, dropped=len(bad))
     try:
         from .weights import atomic_write
-        atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp))
+        atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp,
+                                                  metadata={"unreadable": json.dumps(bad)}))
     except OSError:
         pass  # the cache is an optimisation; a read-only or full disk must not stop training
     return out
+
+
+def _report_unreadable(bad: list[str]) -> None:
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
 
 
 def _decode_all(data: ImageData, size: int | None, skip_bad: bool, progress: bool):

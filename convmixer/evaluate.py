@@ -99,7 +99,7 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
                         ": point --data-dir/--split at images")
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     return {"top1": confusion.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
-            "skipped": len(data) - n,
+            "skipped": len(data) - n + data.dropped,
             "per_class": dict(zip(info.classes, per_class)), "confusion": confusion.tolist()}
 
 

@@ -608,6 +608,19 @@ def test_eval_leaves_out_unreadable_files_and_keeps_stdout_json(tmp_path, capsys
     captured = capsys.readouterr()
     result = json.loads(captured.out)  # stdout is the JSON alone; the notice goes to stderr
     assert result["n"] == 6 and result["skipped"] == 1 and "left out 1" in captured.err
+    same = tmp_path / "same" / "test"  # one size: decoded into memory (and cached), the bad file dropped there
+    for c in ("a", "b"):
+        (same / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 20 if c == "a" else 230, np.uint8)).save(same / c / f"{i}.png")
+    (same / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    args = ["eval", "--checkpoint", w, "--dataset", "imagefolder", "--data-dir", str(same.parent), "--split", "test",
+            "--json", "--skip-bad-images"]
+    for _ in range(2):  # decoded, then served from the cache
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        result = json.loads(captured.out)
+        assert result["n"] == 6 and result["skipped"] == 1 and "bad.png" in captured.err
 
 
 def test_eval_and_viz_arguments_checked_before_any_work(tmp_path, capsys):

@@ -115,6 +115,7 @@ def test_every_subcommand_option_has_help():
     missing = [f"{name} {a.option_strings or a.dest}" for name, p in subparsers.choices.items() for a in p._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert missing == [], f"arguments without a help text: {missing}"
+    assert [name for name, p in subparsers.choices.items() if not p.description] == []  # `predict --help` says what
 
 
 def test_true_false_options_and_unknown_flags(capsys):
@@ -124,6 +125,14 @@ def test_true_false_options_and_unknown_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--epochz", "3"])
     assert "did you mean --epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the subcommand's own flags only, never the flag itself back
+        main(["predict", "--checkpoint", "cifar10", "--batch-size", "8", "x.jpg"])
+    err = capsys.readouterr().err
+    assert "--batch-size is not a flag of `convmixer predict` (`convmixer predict --help`" in err
+    assert "did you mean --batch-size" not in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", "cifar10", "--tta-flip", "false"])  # not rewritten to a --no-tta-flip
+    assert "--no-tta-flip" not in capsys.readouterr().err
 
 
 def test_quick_runs_cap_evaluation_and_warn(tmp_path, fashion_dir, capsys):
