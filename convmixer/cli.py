@@ -138,7 +138,9 @@ def cmd_train(args):
         if args.overwrite:
             from .errors import ConfigError
             raise ConfigError("--resume continues a run and --overwrite replaces one: pass only one of them")
-        changes = {**(read_config_file(args.config) if args.config else {}), **overrides}
+        from_file = {k: v for k, v in (read_config_file(args.config) if args.config else {}).items()
+                     if k != "out"}  # a config's own out: is not a --out given; the run stays in its folder
+        changes = {**from_file, **overrides}
         if not args.print_config:
             train(resume=args.resume, changes=changes)
             return 0

@@ -397,7 +397,7 @@ def check_resume(saved: dict, cfg: TrainConfig, epochs_done: int = 0):
                           f"checkpoint: {', '.join(differ)}; only {', '.join(RESUME_MUTABLE)} may change (start a new "
                           f"run with --pretrained to change the others)")
     if cfg.epochs < epochs_done:
-        raise ConfigError(f"epochs={cfg.epochs} is fewer than the {epochs_done} epochs this run has done: pass "
+        raise ConfigError(f"epochs={cfg.epochs} is fewer than the {epochs_done} epochs this run has done or begun: pass "
                           f"--epochs {epochs_done} or more")
     if saved.get("time_limit") and cfg.time_limit < saved["time_limit"]:
         raise ConfigError(f"time_limit can only grow on --resume (the run has {saved['time_limit']} min), got "

@@ -198,10 +198,11 @@ def load_model(path: str | Path):
         info = RunInfo.from_metadata(read_metadata(path), path)
         state = read_state_dict(path)
     else:
-        try:
-            ckpt = load_checkpoint(path)
-        except TrainingError as e:
-            raise WeightsError(str(e)) from e
+        ckpt = torch_load_safely(path, WeightsError)
+        if not is_training_checkpoint(ckpt):
+            raise WeightsError(f"{path} holds weights without their architecture and classes: name a variant with "
+                               f"released weights instead (e.g. --checkpoint convmixer_768_32), or save the model with "
+                               f"convmixer.save_weights(model, 'model.safetensors')")
         info, state = RunInfo.from_dict(ckpt, path), ckpt["model"]
     check_shapes(info.model_args, state, path)
     model = ConvMixer(**info.model_args)
@@ -235,6 +236,8 @@ def is_training_checkpoint(obj) -> bool:
 def load_checkpoint(path: str | Path, for_resume: bool = False) -> dict:
     """A training checkpoint; ``for_resume`` also requires everything a resumed run restores."""
     path = Path(path)
+    if path.is_dir():
+        raise TrainingError(f"{path} is a run folder, not a checkpoint: pass its checkpoint, --resume {path / 'last.pt'}")
     if not path.is_file():
         raise TrainingError(f"checkpoint not found: {path}")
     ckpt = torch_load_safely(path, TrainingError)

@@ -800,9 +800,12 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
     run = None
     try:
         run = build_run(cfg, ckpt, Path(cfg.out), overwrite)
-        time_up = ckpt is not None and bool(cfg.time_limit) and run.elapsed() >= cfg.time_limit * 60  # resumed, spent
+        # resumed with its time spent: the checkpoint's own figure, the same on every process
+        time_up = ckpt is not None and bool(cfg.time_limit) and run.spent >= cfg.time_limit * 60
         _announce(run)
         with SignalFlag() as stop:
+            if time_up and run.batch:  # a signal stopped it mid-epoch as the time ran out: close that epoch
+                end_of_epoch(run, last=True)
             while run.epoch < cfg.epochs and not time_up:
                 ended = train_epoch(run, stop)
                 time_up = ended == "time"
@@ -864,14 +867,19 @@ def resumed_config(ckpt: dict, resume: Path, cfg: TrainConfig | None = None,
     from .config import BEFORE_THE_KEY, resume_config
     folder = str(resume.parent)
     out = cfg.out if cfg is not None else (changes or {}).get("out", folder)
-    if Path(out).resolve() != resume.parent.resolve():
+    if Path(out).expanduser().resolve() != resume.parent.resolve():
         raise ConfigError(f"--resume continues the run in its own folder {folder}, not --out {out}: drop --out "
                           f"(or copy the folder and resume from the copy)")
     if cfg is None:
-        return resume_config(ckpt["config"], {**(changes or {}), "out": folder}, ckpt["epoch"])
+        return resume_config(ckpt["config"], {**(changes or {}), "out": folder}, _epochs_begun(ckpt))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in BEFORE_THE_KEY.items() if k not in ckpt["config"]})
-    check_resume(ckpt["config"], cfg, ckpt["epoch"])
+    check_resume(ckpt["config"], cfg, _epochs_begun(ckpt))
     return cfg
+
+
+def _epochs_begun(ckpt: dict) -> int:
+    """The epochs a resumed run cannot end before: those done, and the one a mid-epoch checkpoint stopped in."""
+    return ckpt["epoch"] + (1 if ckpt.get("batch_in_epoch") else 0)
 
 
 def _print_epoch(record: dict, header: bool):

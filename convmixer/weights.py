@@ -135,6 +135,9 @@ def torch_load_safely(path: Path, error=None):
     """``torch.load(weights_only=True)`` with one-line errors: a pickle that would build arbitrary
     Python objects (and so could run code) is refused; a cut or garbage file is named as such."""
     error = error or WeightsError
+    if _is_torchscript(path):  # torch.load would warn and hand it to torch.jit.load, which runs its code
+        raise error(f"{path} is a TorchScript program (convmixer export --format torchscript), not weights: load it "
+                    f"with torch.jit.load, or give convmixer the run's .safetensors or an .onnx export")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -147,6 +150,15 @@ def torch_load_safely(path: Path, error=None):
                         f"beyond tensors (loading those could run code)") from None
         first = text.splitlines()[0] if text else type(e).__name__
         raise error(f"{path} is truncated or not a PyTorch weights file ({first})") from None
+
+
+def _is_torchscript(path) -> bool:
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist()[:10_000])
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
