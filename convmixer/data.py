@@ -252,7 +252,10 @@ def decode(path: str, channels: int = 3) -> torch.Tensor:
                 im = Image.fromarray(a.clip(0, 255).round().astype("uint8"))
             im = im.convert("L" if channels == 1 else "RGB")
             return v2.functional.pil_to_tensor(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise DataError(f"cannot read image {path}: it has more pixels than Pillow's guard against decompression "
+                        f"bombs allows ({2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP): downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 

@@ -134,6 +134,20 @@ def test_a_lost_best_weights_write_is_repaired_on_resume(tmp_path, fashion_dir, 
     assert "rewritten" not in capsys.readouterr().out  # an intact one is left alone
 
 
+def test_resume_refuses_data_that_gained_or_lost_images(tmp_path, folder_dir, capsys):
+    """A seeded 10% split of an image folder moves when images come or go: validation images would be trained on."""
+    import shutil
+    (folder_dir / "test").rename(tmp_path / "elsewhere")  # no test/: the run carves its validation split
+    out = tmp_path / "run"
+    train(make_config(None, {**TINY, "dataset": "imagefolder", "data_dir": str(folder_dir), "val_split": None,
+                             "epochs": 1, "out": str(out)}))
+    first = next((folder_dir / "train" / "class_0").iterdir())
+    shutil.copy(first, first.with_name("added" + first.suffix))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]) == 2
+    assert "this run had 216 / 24" in capsys.readouterr().err
+
+
 HOLDER = """
 import sys, time
 from convmixer.run import RunFolder
