@@ -565,11 +565,13 @@ def crop_long_side(img: torch.Tensor) -> torch.Tensor:
     return v2.functional.center_crop(img, [min(h, MAX_ASPECT * w), min(w, MAX_ASPECT * h)])
 
 
-def eval_transform(img_size: int, crop_pct: float, mean, std) -> v2.Compose:
+def eval_transform(img_size: int, crop_pct: float, mean, std, interpolation: str = "bilinear") -> v2.Compose:
     """The one evaluation preprocessing (per image or on a whole uint8 batch): resize the short side
-    to img_size / crop_pct, centre-crop img_size, normalise."""
+    to img_size / crop_pct (bilinear, or bicubic as the released ImageNet weights were evaluated),
+    centre-crop img_size, normalise."""
     resize = int(round(img_size / crop_pct))
-    return v2.Compose([crop_long_side, v2.Resize(resize, antialias=True), v2.CenterCrop(img_size),
+    mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+    return v2.Compose([crop_long_side, v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(img_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 

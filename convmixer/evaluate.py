@@ -15,7 +15,7 @@ from .run import RunInfo
 
 
 def info_transform(info: RunInfo):
-    return eval_transform(info.img_size, info.crop_pct, info.mean, info.std)
+    return eval_transform(info.img_size, info.crop_pct, info.mean, info.std, info.interpolation)
 
 
 def translate(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:

@@ -505,11 +505,19 @@ def pretrained_cfg(name: str, model: "ConvMixer", described: dict | None = None)
     mean, std = stats_for_channels(own.get("mean", v.mean), own.get("std", v.std), model.in_chans)
     size = int(own.get("img_size", v.input_size))
     crop_pct = float(own.get("crop_pct", own.get("config", {}).get("crop_pct", v.crop_pct)))  # older files: config's
-    cfg = {"input_size": (model.in_chans, size, size), "interpolation": "bilinear" if "mean" in own else "bicubic",
-           "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct, "crop_mode": "center",
-           "num_classes": model.num_classes, "first_conv": "stem.0", "classifier": "head", "url": v.url or ""}
-    if len(own.get("classes", ())) == model.num_classes:
-        cfg["label_names"] = tuple(own["classes"])
+    interpolation = own.get("interpolation", "bilinear" if "mean" in own else "bicubic")
+    labels = own["classes"] if len(own.get("classes", ())) == model.num_classes else None
+    return input_cfg(model, size, interpolation, mean, std, crop_pct, v.url or "", labels)
+
+
+def input_cfg(model: "ConvMixer", size: int, interpolation: str, mean, std, crop_pct: float, url: str = "",
+              label_names=None) -> dict:
+    """The pretrained_cfg dict timm's data tools read, for ``model`` and the preprocessing of its weights."""
+    cfg = {"input_size": (model.in_chans, size, size), "interpolation": interpolation, "mean": tuple(mean),
+           "std": tuple(std), "crop_pct": crop_pct, "crop_mode": "center", "num_classes": model.num_classes,
+           "first_conv": "stem.0", "classifier": "head", "url": url}
+    if label_names is not None:
+        cfg["label_names"] = tuple(label_names)
     return cfg
 
 

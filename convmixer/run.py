@@ -47,6 +47,7 @@ class RunInfo:
     img_size: int
     crop_pct: float                  # evaluation: resize to img_size / crop_pct, centre-crop img_size
     model_name: str = ""
+    interpolation: str = "bilinear"  # of that resize: "bicubic" for the released ImageNet weights (timm's)
     dataset: str = ""
     config: dict = field(default_factory=dict)  # the training config, when a run made it
 
@@ -55,6 +56,7 @@ class RunInfo:
         return {"model_args": json.dumps(self.model_args), "model_name": self.model_name,
                 "classes": json.dumps(self.classes), "mean": json.dumps(self.mean), "std": json.dumps(self.std),
                 "img_size": str(self.img_size), "crop_pct": str(self.crop_pct), "dataset": self.dataset,
+                "interpolation": self.interpolation,
                 "config": json.dumps(self.config), "metrics": json.dumps(metrics or {})}
 
     @classmethod
@@ -114,6 +116,8 @@ class RunInfo:
             raise WeightsError(f"{source}: model_args has {'unknown keys ' + ', '.join(unknown) if unknown else ''}"
                                f"{'; ' if unknown and wrong else ''}{'bad values for ' + ', '.join(wrong) if wrong else ''}"
                                f": the file is corrupt or not a convmixer model")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise WeightsError(f"{source}: interpolation={self.interpolation!r} is not bilinear or bicubic")
         if not 0 < self.crop_pct <= 1:
             raise WeightsError(f"{source}: crop_pct={self.crop_pct} is outside (0, 1]")
         if len(self.classes) != args.get("num_classes", len(self.classes)):
@@ -133,7 +137,8 @@ def _variant_preprocessing(model_name: str, model_args: dict) -> dict:
     channels = sane["in_chans"] or 3
     mean, std = stats_for_channels(v.mean, v.std, channels) if v else ([0.5] * channels, [0.5] * channels)
     return dict(classes=[str(i) for i in range(sane["num_classes"])], mean=mean, std=std,
-                img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else TrainConfig.crop_pct)
+                img_size=v.input_size if v else 224, crop_pct=v.crop_pct if v else TrainConfig.crop_pct,
+                interpolation="bicubic" if v and v.url else "bilinear")
 
 
 def check_shapes(args: dict, state: dict, source):
@@ -186,7 +191,7 @@ def load_model(path: str | Path):
     (.safetensors), a training checkpoint (.pt), weights saved with ``convmixer.save_weights``, shipped
     weights by name (``cifar10``), or the name of a variant with released weights (downloaded once;
     predicted with the variant's own preprocessing)."""
-    from .model import VARIANTS, ConvMixer, create_model
+    from .model import VARIANTS, ConvMixer, create_model, input_cfg
     path = resolve_weights(path)
     if not path.exists() and str(path) in VARIANTS and VARIANTS[str(path)].url:  # released weights by name
         model = create_model(str(path), pretrained=True)
@@ -207,6 +212,8 @@ def load_model(path: str | Path):
     check_shapes(info.model_args, state, path)
     model = ConvMixer(**info.model_args)
     load_into(model, state, strict=True, source=str(path))
+    model.pretrained_cfg = input_cfg(model, info.img_size, info.interpolation, info.mean, info.std, info.crop_pct,
+                                     label_names=info.classes)
     return model.eval(), info
 
 

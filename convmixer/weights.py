@@ -25,7 +25,7 @@ def shipped_weights(name) -> Path | None:
 
 
 JSON_FIELDS = ("model_args", "classes", "mean", "std", "config")  # the rest are plain strings
-TEXT_FIELDS = ("model_name", "img_size", "crop_pct", "dataset")
+TEXT_FIELDS = ("model_name", "img_size", "crop_pct", "dataset", "interpolation")
 
 
 def decode_metadata(meta: dict, source) -> dict:
