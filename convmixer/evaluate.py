@@ -121,6 +121,9 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
     carved = val_split if val_split is not None else ((cfg.get("val_split") or 0) if same_data else 0)
     folders = [s for s in ("val", "test") if dataset == "imagefolder" and (Path(data_dir) / s).is_dir()]
     split = split or ("val" if carved or folders[:1] == ["val"] else "test")
+    if split == "val" and not carved and dataset != "imagefolder":  # it would silently be the test split
+        raise ConfigError(f"this run carved no validation split from {dataset} (val_split 0): pass --split test, "
+                          f"or --val-split N to carve N seeded training images")
     kwargs = dict(img_size=info.img_size, download=False, skip_bad_images=skip_bad_images)
     if split == "val" and carved:
         data = split_train_val(load_dataset(dataset, data_dir, train=True, **kwargs), carved,

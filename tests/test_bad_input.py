@@ -677,6 +677,70 @@ def test_outputs_are_never_replaced_by_accident(tmp_path, capsys):
     one_line(capsys, main(["embed", "--checkpoint", w, image, "--out", str(tmp_path / "e.txt")]), ".npz")
 
 
+def test_pictures_and_unwritable_places_are_checked_before_any_work(tmp_path, capsys):
+    w, other = _run_on_folder(tmp_path, capsys)
+    png = tmp_path / "c.png"
+    png.write_bytes(b"the user's picture")
+    base = ["eval", "--checkpoint", w, "--dataset", "imagefolder", "--data-dir", other, "--split", "test",
+            "--skip-bad-images"]
+    one_line(capsys, main(base + ["--confusion-png", str(png)]), "exists", "--overwrite")
+    assert png.read_bytes() == b"the user's picture"
+    assert main(base + ["--confusion-png", str(png), "--overwrite"]) == 0 and Image.open(png).size
+    figs = tmp_path / "figs"
+    assert main(["viz", "--checkpoint", str(tmp_path / "run"), "--out", str(figs)]) == 0
+    assert (figs / "curves.png").is_file()  # the run folder's own curves (it looked one folder too high)
+    one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(figs)]), "exists", "--overwrite")
+    one_line(capsys, main(["viz", "--runs", str(tmp_path / "run"), "--confusion", "--out", str(figs)]), "--checkpoint")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # (root may write anywhere)
+            one_line(capsys, main(["embed", "--checkpoint", w, other, "--out", str(locked / "sub" / "e.npz")]),
+                     "cannot write in", str(locked))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_predict_takes_folders_skips_bad_files_and_refuses_models_it_cannot_feed(tmp_path, capsys):
+    from convmixer import ConvMixer, save_weights
+    w, other = _run_on_folder(tmp_path, capsys)
+    one_line(capsys, main(["predict", "--checkpoint", w, other]), "bad.png", "--skip-bad-images")
+    assert main(["predict", "--checkpoint", w, other, "--skip-bad-images", "--json"]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert len(results) == 7 and sum("error" in r for r in results) == 1 and "skipped 1" in captured.err
+    assert all(len(r["top"]) == 2 for r in results if "error" not in r)
+    image = str(tmp_path / "other" / "test" / "a" / "0.png")
+    for kwargs, words in ((dict(num_classes=0), ("no classifier", "embed")), (dict(in_chans=4), ("4-channel",))):
+        save_weights(ConvMixer(8, 1, kernel_size=3, patch_size=2, **kwargs), tmp_path / "odd.safetensors")
+        one_line(capsys, main(["predict", "--checkpoint", str(tmp_path / "odd.safetensors"), image]), *words)
+    # bare weights and TorchScript programs: one line that says what to give instead
+    torch.save(ConvMixer(8, 1, kernel_size=3, patch_size=2).state_dict(), tmp_path / "bare.pth")
+    one_line(capsys, main(["predict", "--checkpoint", str(tmp_path / "bare.pth"), image]), "without their architecture")
+    assert main(["export", "--checkpoint", w, "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    capsys.readouterr()
+    one_line(capsys, main(["predict", "--checkpoint", str(tmp_path / "m.pt"), image]), "TorchScript")
+
+
+def test_a_grayscale_model_evaluates_a_folder_of_rgb_images(tmp_path, fashion_dir, capsys):
+    import shutil
+    mnist = tmp_path / "mnist"
+    shutil.copytree(fashion_dir / "FashionMNIST" / "raw", mnist / "MNIST" / "raw")  # the same files, MNIST's names
+    train(make_config(None, {**TINY, "dataset": "mnist", "data_dir": str(mnist), "epochs": 1, "subset": 64,
+                             "out": str(tmp_path / "run")}))
+    folder = tmp_path / "digits" / "test"
+    for c in map(str, range(10)):  # the run's class names, two RGB images each
+        (folder / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((28, 28, 3), 40 * i, np.uint8)).save(folder / c / f"{i}.png")
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--dataset", "imagefolder", "--data-dir",
+                 str(folder.parent), "--split", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 20
+    # a run that carved no validation split has none to evaluate: said, not the test split under its name
+    one_line(capsys, main(["eval", "--checkpoint", str(tmp_path / "run"), "--split", "val"]), "--split test")
+
+
 def test_predict_prints_file_names_that_are_not_utf8(tmp_path, capsys):
     w, other = _run_on_folder(tmp_path, capsys)
     odd = os.path.join(os.fsencode(tmp_path), b"\xff\xfe.png")
