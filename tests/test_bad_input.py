@@ -882,3 +882,11 @@ def test_viz_keeps_runs_of_the_same_name_apart(tmp_path, monkeypatch, capsys):
     runs = [str(tmp_path / "a" / "x"), str(tmp_path / "b" / "x")]
     assert main(["viz", "--out", str(tmp_path / "v"), "--runs", *runs]) == 0
     assert sorted(drawn) == runs  # both drawn (one replaced the other before), named by their paths
+
+
+def test_an_image_over_pillows_pixel_guard_is_one_line(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the guard, an error
+    with pytest.raises(DataError, match="big.png.*downscale it first"):
+        decode(str(tmp_path / "big.png"))
