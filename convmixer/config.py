@@ -102,7 +102,10 @@ class TrainConfig:
                                       "mirrored in odd epochs, the other half in even ones; needs hflip > 0")
     translate: int = _f(0, "random translation by up to N pixels, reflecting at the border; 0 = off")
     randaugment_n: int = _f(2, "RandAugment operations per image; 0 = off")
-    randaugment_m: int = _f(12, "RandAugment magnitude, 0..30")
+    randaugment_m: int = _f(12, "RandAugment magnitude: 0..30 for torchvision's (31 levels), 0..10 for timm's")
+    randaugment_impl: str = _f("torchvision", "whose RandAugment: torchvision (the authors' CIFAR-10 script) or timm "
+                                             "(rand-mM-nN-mstd0.5-inc1, the paper's ImageNet recipe; image by image, "
+                                             "needs timm)")
     randaugment_from: float = _f(0.0, "fraction of training (below 1) from which RandAugment applies, so that "
                                       "augmentation strengthens late in a run (decoded data sets); 0 = throughout")
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength; 0 = off")
@@ -168,7 +171,7 @@ class TrainConfig:
         choices = {"dataset": DATASETS, "schedule": ("onecycle", "cosine", "constant"),
                    "amp": ("auto", "bf16", "fp16", "off"), "norm": ("batchnorm", "layernorm"),
                    "activation": (None, "gelu", "relu", "silu"), "stem_init": ("default", "whiten"),
-                   "optimizer": ("adamw", "muon")}
+                   "optimizer": ("adamw", "muon"), "randaugment_impl": ("torchvision", "timm")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(str, allowed))}")
@@ -194,6 +197,9 @@ class TrainConfig:
             raise ConfigError(f"patch_size {patch} is larger than img_size {self.img_size}: use a smaller patch")
         if self.hflip_alternate and not self.hflip:
             raise ConfigError("hflip_alternate alternates the flips that hflip turns on, but hflip is 0: set hflip 0.5")
+        if self.randaugment_impl == "timm" and self.randaugment_m > 10:
+            raise ConfigError(f"randaugment_m={self.randaugment_m} is beyond timm's scale of 0..10 (randaugment_impl "
+                              f"timm): the paper's m9 is 9")
         if self.randaugment_from and not self.randaugment_n:
             raise ConfigError("randaugment_from delays RandAugment, but randaugment_n is 0: set randaugment_n 2")
         if self.res_start and self.res_start < patch:

@@ -19,6 +19,7 @@ import struct
 import sys
 import tarfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 @dataclass
@@ -545,7 +546,9 @@ def train_transform(cfg, img_size: int, mean, std) -> v2.Compose:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.translate:
         steps.append(v2.RandomCrop(img_size, padding=cfg.translate, padding_mode="reflect"))
-    if cfg.randaugment_n > 0:
+    if cfg.randaugment_n > 0 and cfg.randaugment_impl == "timm":
+        steps.append(TimmRandAugment(cfg.randaugment_n, cfg.randaugment_m, img_size, mean))
+    elif cfg.randaugment_n > 0:
         steps.append(v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m))
     if cfg.color_jitter > 0:
         steps.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
@@ -553,6 +556,29 @@ def train_transform(cfg, img_size: int, mean, std) -> v2.Compose:
     if cfg.random_erasing > 0:
         steps.append(v2.RandomErasing(cfg.random_erasing, value="random"))
     return v2.Compose(steps)
+
+
+class TimmRandAugment:
+    """timm's RandAugment as the paper's ImageNet recipe ran it (``rand-mM-nN-mstd0.5-inc1``: magnitude M of 10
+    with noise of std 0.5, each of N operations applied with probability 0.5, the increasing-severity variants),
+    on a uint8 tensor image. timm draws from Python's and NumPy's generators, which TransformedImages seeds per
+    image along with torch's."""
+
+    def __init__(self, n: int, m: int, img_size: int, mean):
+        try:
+            from timm.data.auto_augment import rand_augment_transform
+        except ImportError:
+            raise ConfigError("randaugment_impl timm needs timm: pip install timm (or randaugment_impl torchvision)") from None
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean))
+        self.name = f"rand-m{m}-n{n}-mstd0.5-inc1"
+        self.transform = rand_augment_transform(self.name, hparams)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        pil = v2.functional.to_pil_image(img)
+        return v2.functional.pil_to_tensor(self.transform(pil))
+
+    def __repr__(self):
+        return f"TimmRandAugment({self.name})"
 
 
 def crop_long_side(img: torch.Tensor) -> torch.Tensor:
@@ -601,7 +627,7 @@ class TransformedImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if isinstance(i, tuple):  # (index, seed): the augmentation drawn from the image's own seed, so it is the
             i, seed = i           # same whichever worker draws it and after a resume (training's batches)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _python_and_numpy_seeded(seed):  # timm's draw from those
                 torch.manual_seed(seed)
                 return self[i]
         if self.data.images is not None:
@@ -616,6 +642,22 @@ class TransformedImages(torch.utils.data.Dataset):
         if self.leave_out:
             return None
         raise DataError("no readable image in the data set")
+
+
+@contextmanager
+def _python_and_numpy_seeded(seed: int):
+    """Python's and NumPy's global generators seeded for a block, and put back as they were after it."""
+    import random
+
+    import numpy as np
+    python, numpy = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def readable_batch(items):

@@ -587,14 +587,15 @@ def train_size(cfg: TrainConfig, img_size: int, patch_size: int, progress: float
 def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torch.device):
     """Decoded images are augmented a whole batch at a time, on the training device, where they are moved
     once; files are decoded and augmented image by image in DataLoader workers."""
-    if data.images is not None:
+    if data.images is not None and cfg.randaugment_impl != "timm":  # timm's RandAugment: image by image
         if device.type == "cuda" and data.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
             data.images = data.images.to(device)  # else batches are cut on the CPU and moved one by one
         return BatchAugment(cfg, info.img_size, info.mean, info.std, len(data))
     for key, off in (("hflip_alternate", False), ("randaugment_from", 0.0)):
         if getattr(cfg, key) != off:
-            raise ConfigError(f"{key} needs a decoded data set (augmented by batches), but this image folder "
-                              f"streams from disk: drop {key}")
+            why = "randaugment_impl timm augments image by image" if data.images is not None else \
+                "this image folder streams from disk"
+            raise ConfigError(f"{key} needs a decoded data set augmented by batches, but {why}: drop {key}")
     return TransformedImages(data, train_transform(cfg, info.img_size, info.mean, info.std), cfg.skip_bad_images)
 
 
