@@ -110,3 +110,31 @@ def test_randaugment_from_applies_it_only_late_in_training():
     late = aug(images, progress=0.5)
     changed = ~(late == plain).flatten(1).all(1)
     assert int(changed.sum()) > len(images) // 2  # two rounds of 14 operations rarely leave an image as it was
+
+
+def test_timm_randaugment_is_seeded_per_image_and_leaves_the_global_generators_alone(tmp_path, fashion_dir):
+    """randaugment_impl timm: timm's rand-m9-mstd0.5-inc1 (the paper's ImageNet recipe), drawn from each image's
+    own seed like the rest of the per-image pipeline, so a resumed or multi-worker run sees the same images."""
+    pytest.importorskip("timm")
+    import random
+
+    import numpy as np
+
+    from convmixer.config import ConfigError, make_config
+    from convmixer.data import ImageData, TransformedImages, train_transform
+    from convmixer.train import train
+    cfg = make_config(None, {"randaugment_impl": "timm", "randaugment_n": 2, "randaugment_m": 9, "hflip": 0})
+    transform = train_transform(cfg, 16, [0.5] * 3, [0.5] * 3)
+    assert "rand-m9-n2-mstd0.5-inc1" in repr(transform)
+    data = TransformedImages(ImageData(torch.zeros(8, dtype=torch.long), ["a"], images=_images(8)), transform)
+    python, numpy = random.getstate(), np.random.get_state()[1].copy()
+    a, b, c = data[(3, 7)][0], data[(3, 7)][0], data[(3, 8)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (3, 16, 16)
+    assert random.getstate() == python and (np.random.get_state()[1] == numpy).all()
+    with pytest.raises(ConfigError, match="timm's scale"):
+        make_config(None, {"randaugment_impl": "timm", "randaugment_m": 12})
+    summary = train(make_config(None, dict(dim=8, depth=1, kernel_size=3, patch_size=2, batch_size=32, epochs=1,
+                                           dataset="fashion_mnist", data_dir=str(fashion_dir), val_split=0,
+                                           subset=64, download=False, amp="off", progress=False,
+                                           randaugment_impl="timm", randaugment_m=9, out=str(tmp_path / "run"))))
+    assert summary["epochs_run"] == 1
