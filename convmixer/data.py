@@ -569,13 +569,16 @@ class TimmRandAugment:
             from timm.data.auto_augment import rand_augment_transform
         except ImportError:
             raise ConfigError("randaugment_impl timm needs timm: pip install timm (or randaugment_impl torchvision)") from None
-        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean))
+        rgb_mean = list(mean) * 3 if len(mean) == 1 else list(mean)
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in rgb_mean))
         self.name = f"rand-m{m}-n{n}-mstd0.5-inc1"
         self.transform = rand_augment_transform(self.name, hparams)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        pil = v2.functional.to_pil_image(img)
-        return v2.functional.pil_to_tensor(self.transform(pil))
+        gray = img.shape[0] == 1  # timm's operations expect RGB: a grayscale image goes through as R = G = B
+        pil = v2.functional.to_pil_image(img.expand(3, -1, -1) if gray else img)
+        out = v2.functional.pil_to_tensor(self.transform(pil))
+        return out[:1] if gray else out
 
     def __repr__(self):
         return f"TimmRandAugment({self.name})"
