@@ -53,6 +53,8 @@ class ImageData:
     files: list[str] | None = None
     channels: int = 3
     dropped: int = 0  # unreadable files left out when decoding with skip_bad (counted in evaluate's "skipped")
+    origin: torch.Tensor | None = None  # after such drops: each image's index among the files scanned
+    scanned: int | None = None          # and how many files were scanned (split_train_val splits those)
 
     def __len__(self):
         return len(self.labels)
@@ -341,18 +343,29 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
                 bad = json.loads((f.metadata() or {}).get("unreadable", "[]"))
             t = load_file(str(cache))
             _report_unreadable(bad)
-            return ImageData(t["labels"], data.classes, images=t["images"], channels=data.channels, dropped=len(bad))
+            return _decoded(data, t["images"], t["labels"], bad)
         except Exception:
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
     images, labels, bad = _decode_all(data, size, skip_bad, progress)
     _report_unreadable(bad)
-    out = ImageData(labels, data.classes, images=images, channels=data.channels, dropped=len(bad))
+    out = _decoded(data, images, labels, bad)
     try:
         from .weights import atomic_write
         atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp,
                                                   metadata={"unreadable": json.dumps(bad)}))
     except OSError:
         pass  # the cache is an optimisation; a read-only or full disk must not stop training
+    return out
+
+
+def _decoded(data: ImageData, images: torch.Tensor, labels: torch.Tensor, bad: list[str]) -> ImageData:
+    """The decoded images of ``data``'s files; where unreadable ones were dropped, each image's place among
+    the files is kept, so that a split carved from them is the one carved from the streamed files."""
+    out = ImageData(labels, data.classes, images=images, channels=data.channels, dropped=len(bad))
+    if bad:
+        left_out = set(bad)
+        out.origin = torch.tensor([i for i, f in enumerate(data.files) if f not in left_out], dtype=torch.long)
+        out.scanned = len(data.files)
     return out
 
 
@@ -529,13 +542,22 @@ def _decoded_or_streamed(folder: ImageData, img_size: int | None, skip_bad: bool
 
 def split_train_val(data: ImageData, val_size: float, seed: int = 0) -> tuple[ImageData, ImageData]:
     """A seeded random validation split carved from the training set: ``val_size`` images
-    (or that fraction of them when < 1)."""
-    n = len(data)
+    (or that fraction of them when < 1). It is drawn over the files scanned, so unreadable files dropped
+    while decoding leave every other image on the side it has when the files are streamed."""
+    n = data.scanned or len(data)
     count = int(round(val_size * n)) if val_size < 1 else int(val_size)
     if not 0 < count < n:
         raise DataError(f"--val-split {val_size} leaves no training or no validation images out of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return data.subset(perm[count:].sort().values), data.subset(perm[:count].sort().values)
+    if data.origin is None:
+        return data.subset(perm[count:].sort().values), data.subset(perm[:count].sort().values)
+    in_val = torch.zeros(n, dtype=torch.bool)
+    in_val[perm[:count]] = True
+    kept_in_val = in_val[data.origin]
+    train, val = data.subset(torch.nonzero(~kept_in_val)[:, 0]), data.subset(torch.nonzero(kept_in_val)[:, 0])
+    val.dropped = count - len(val)  # the unreadable files that fell on each side
+    train.dropped = data.dropped - val.dropped
+    return train, val
 
 
 # --- pipelines ------------------------------------------------------------------------------------
