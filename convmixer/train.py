@@ -296,9 +296,7 @@ def _architecture(model_args: dict) -> dict:
 def _native_size(data: ImageData, skip_bad: bool) -> int:
     """The image size to train at when img_size is not set: the decoded images' own, or for streamed
     files the first one's when it is square (so --cache on and off agree), else 224 (photos)."""
-    if data.images is not None:
-        return data.images.shape[-1]
-    height, width = first_image(data, skip_bad).shape[-2:]
+    height, width = (data.images if data.images is not None else first_image(data, skip_bad)).shape[-2:]
     return height if height == width else 224
 
 

@@ -101,3 +101,28 @@ def test_download_failure_offline_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError) as info:
         load_dataset("cifar10", tmp_path / "empty", download=True)
     assert "download failed" in str(info.value) and "--data-dir" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_carved_split_is_the_same_decoded_or_streamed_with_unreadable_files(tmp_path, monkeypatch, capsys):
+    """Decoding drops an unreadable file, streaming keeps its place: the seeded split must not move (it did, so
+    an eval that decoded what training streamed validated on training images)."""
+    import numpy as np
+    from PIL import Image
+
+    from convmixer.data import decode, load_dataset, split_train_val
+    monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data" / "train"
+    for k, c in enumerate("ab"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), 10 * i + 120 * k, np.uint8)).save(root / c / f"{i}.png")
+    (root / "a" / "5b.png").write_bytes(b"\x89PNG cut short")  # sorts among the others
+    decoded = load_dataset("imagefolder", tmp_path / "data", skip_bad_images=True, cache=True, progress=False)
+    streamed = load_dataset("imagefolder", tmp_path / "data", skip_bad_images=True, cache=False, progress=False)
+    assert decoded.images is not None and streamed.files is not None and len(decoded) == 20 and len(streamed) == 21
+    for seed in range(5):
+        (d_train, d_val), (s_train, s_val) = (split_train_val(x, 0.3, seed=seed) for x in (decoded, streamed))
+        readable = [f for f in s_val.files if not f.endswith("5b.png")]
+        assert torch.equal(d_val.images, torch.stack([decode(f) for f in readable]))
+        assert len(d_train) + len(d_val) == 20 and d_val.dropped + d_train.dropped == 1
+        assert d_val.dropped == len(s_val) - len(readable)
