@@ -490,6 +490,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike, train: bool = True, img
         if split is None and not train:
             raise DataError(f"{root} has no val/ or test/ folder: add one, or use --val-split to carve a "
                             f"validation set from the training images")
+        held_out = [s for s in ("val", "test") if (root / s).is_dir()]
+        if split is None and held_out:  # its held-out images would be trained on as a class of their own
+            raise DataError(f"{root} holds class folders beside {held_out[0]}/ but no train/: move the class folders "
+                            f"into {root / 'train'}")
         return _decoded_or_streamed(scan_folder(split or root, skip_bad_images), img_size, skip_bad_images, cache,
                                     progress)
     if name.startswith("cifar"):

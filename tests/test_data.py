@@ -126,3 +126,13 @@ def test_a_carved_split_is_the_same_decoded_or_streamed_with_unreadable_files(tm
         assert torch.equal(d_val.images, torch.stack([decode(f) for f in readable]))
         assert len(d_train) + len(d_val) == 20 and d_val.dropped + d_train.dropped == 1
         assert d_val.dropped == len(s_val) - len(readable)
+
+
+def test_a_folder_with_test_but_no_train_is_refused(tmp_path):
+    """data/cat, data/dog and data/test/...: the test images would be trained on as a class named "test"."""
+    from convmixer.data import DataError, load_dataset
+    for c in ("cat", "dog", "test/cat", "test/dog"):
+        (tmp_path / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / "0.png")
+    with pytest.raises(DataError, match="move the class folders into"):
+        load_dataset("imagefolder", tmp_path, train=True, progress=False)
