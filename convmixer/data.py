@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+# what decode() makes of a file: raised when that changes (EXIF orientation, 16-bit scaling, ...), so that no
+# cache of decoded images made before is served
+DECODE_VERSION = 2
 MAX_ASPECT = 8  # evaluation: of an image longer than 8:1, the central 8:1 (crop_long_side)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder")
@@ -332,9 +335,11 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     of another size are resized to ``size``; with ``size=None`` they must all share the first one's
     (else MixedSizes)."""
     from safetensors.torch import load_file, save_file
+    import PIL
     stat = [os.stat(f) for f in data.files]  # regular files only (scan_folder)
-    key = hashlib.sha256(repr((data.files, [(s.st_size, s.st_mtime_ns) for s in stat], size,
-                               data.channels, skip_bad)).encode()).hexdigest()[:20]
+    key = hashlib.sha256(repr((DECODE_VERSION, PIL.__version__, [os.path.realpath(f) for f in data.files],
+                               [(s.st_size, s.st_mtime_ns) for s in stat], size, data.channels,
+                               skip_bad)).encode()).hexdigest()[:20]
     cache = cache_dir() / f"images-{key}.safetensors"
     if cache.is_file():
         try:
