@@ -662,7 +662,7 @@ class TransformedImages(torch.utils.data.Dataset):
         if isinstance(i, tuple):  # (index, seed): the augmentation drawn from the image's own seed, so it is the
             i, seed = i           # same whichever worker draws it and after a resume (training's batches)
             with torch.random.fork_rng(devices=[]), _python_and_numpy_seeded(seed):  # timm's draw from those
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # the CPU's only: a GPU's generator is not forked here
                 return self[i]
         if self.data.images is not None:
             return self.transform(self.data.images[i]), self.data.labels[i]
