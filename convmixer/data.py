@@ -406,6 +406,24 @@ def _decode_all(data: ImageData, size: int | None, skip_bad: bool, progress: boo
     return images[:count], torch.tensor(labels), bad
 
 
+MAX_ARCHIVE_MEMBERS = 10_000_000  # ImageNet's training set is 1.3 million files
+ARCHIVE_EXPANSION, ARCHIVE_SLACK = 100, 1 << 30  # image files barely compress: an archive unpacks to at most this
+
+
+def _check_unpacked_size(tarball: Path, members: list, folder: Path) -> None:
+    """Refuse, before writing anything, an archive that would unpack to more than the disk has free or more
+    than 100 times its own size (image files barely compress: more is a decompression bomb), or to more
+    entries than any image data set holds."""
+    import shutil
+    total = sum(m.size for m in members if m.isfile())
+    free = shutil.disk_usage(folder).free
+    if (total > free or total > ARCHIVE_EXPANSION * tarball.stat().st_size + ARCHIVE_SLACK
+            or len(members) > MAX_ARCHIVE_MEMBERS):
+        raise DataError(f"{tarball} would unpack to {total / 2 ** 30:.1f} GiB in {len(members):,} entries "
+                        f"({free / 2 ** 30:.1f} GiB free in {folder}): not an image data set archive, or set "
+                        f"CONVMIXER_CACHE to a folder with room")
+
+
 def _extract_tarball(tarball: Path) -> Path:
     """Unpack a .tar.gz data set once into the cache and return the folder. The cache is keyed by the
     archive's content, so a replaced archive is unpacked again; unpacking goes to a temporary folder
@@ -427,7 +445,9 @@ def _extract_tarball(tarball: Path) -> Path:
                         f"writable folder") from e
     try:
         with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="data")
+            members = tar.getmembers()
+            _check_unpacked_size(tarball, members, target.parent)
+            tar.extractall(tmp, members=members, filter="data")
         os.replace(tmp, target)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if target.is_dir():  # another process unpacked the same archive meanwhile

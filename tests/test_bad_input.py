@@ -337,6 +337,22 @@ def test_corrupt_archive_names_the_file(tmp_path, damage):
     assert "\n" not in str(info.value)
 
 
+def test_an_archive_that_would_unpack_beyond_bounds_is_refused_before_writing(tmp_path, monkeypatch):
+    import io
+
+    from convmixer import data as data_module
+    path = tmp_path / "d" / "cifar10-jpg-train.tar.gz"
+    path.parent.mkdir()
+    with tarfile.open(path, "w:gz") as tar:  # 8 MB of zeros in a few KB: a decompression bomb in miniature
+        info = tarfile.TarInfo("cifar10-jpg/train/airplane/0.jpg")
+        info.size = 8 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    monkeypatch.setattr(data_module, "ARCHIVE_SLACK", 0)
+    with pytest.raises(DataError, match="would unpack to 0.0 GiB in 1 entries"):
+        load_dataset("cifar10", path.parent)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing written
+
+
 def test_cache_folder_that_is_a_file(tmp_path, monkeypatch, folder_dir):
     (tmp_path / "cachefile").write_text("")
     monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cachefile"))
