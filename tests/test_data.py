@@ -136,3 +136,18 @@ def test_a_folder_with_test_but_no_train_is_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / "0.png")
     with pytest.raises(DataError, match="move the class folders into"):
         load_dataset("imagefolder", tmp_path, train=True, progress=False)
+
+
+def test_the_decode_cache_is_rebuilt_when_the_decoder_changes(tmp_path, monkeypatch):
+    from convmixer import data as data_module
+    monkeypatch.setenv("CONVMIXER_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data" / "train"
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / c / "0.png")
+    load_dataset("imagefolder", tmp_path / "data", progress=False)
+    load_dataset("imagefolder", tmp_path / "data", progress=False)
+    assert len(list((tmp_path / "cache").glob("images-*.safetensors"))) == 1  # served from the cache
+    monkeypatch.setattr(data_module, "DECODE_VERSION", data_module.DECODE_VERSION + 1)
+    load_dataset("imagefolder", tmp_path / "data", progress=False)
+    assert len(list((tmp_path / "cache").glob("images-*.safetensors"))) == 2  # not the old decoder's images
