@@ -116,9 +116,13 @@ def _claim(out: Path, shared: dict) -> None:
     from .weights import atomic_write
     path = out / "grid.json"
     try:
-        before = json.loads(path.read_text()).get("settings") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        before = None  # unreadable, or an older format: rewritten below
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        recorded = None  # unreadable: rewritten below
+    if isinstance(recorded, dict) and "settings" not in recorded:  # an older convmixer's: not comparable
+        raise ConfigError(f"{out} holds a grid an older convmixer trained, whose settings cannot be compared: use "
+                          f"another --out, or delete {out} to start over")
+    before = recorded.get("settings") if isinstance(recorded, dict) else None
     if isinstance(before, dict) and before != shared:
         key = next(k for k in sorted(set(before) | set(shared), key=str) if before.get(k) != shared.get(k))
         raise ConfigError(f"{out} holds a grid trained with {key}={before.get(key)} (now {shared.get(key)}): use "

@@ -215,9 +215,9 @@ def cmd_embed(args):
                 np.savez(f, embeddings=vectors.numpy(), files=np.array(files))
         atomic_write(args.out, write)
     else:
-        from safetensors.torch import save_file
-        atomic_write(args.out, lambda tmp: save_file({"embeddings": vectors.contiguous()}, tmp,
-                                                     metadata={"files": json.dumps(files)}))
+        from .weights import save_safetensors
+        atomic_write(args.out, lambda tmp: save_safetensors({"embeddings": vectors.contiguous()}, tmp,
+                                                            {"files": json.dumps(files)}))
     print(f"wrote {len(files)} x {vectors.shape[1]} embeddings to {args.out}")
     return 0
 

@@ -334,8 +334,8 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     """Decode every file once into one uint8 tensor, cached on disk (safetensors) by content key. Images
     of another size are resized to ``size``; with ``size=None`` they must all share the first one's
     (else MixedSizes)."""
-    from safetensors.torch import load_file, save_file
     import PIL
+    from safetensors.torch import load_file
     stat = [os.stat(f) for f in data.files]  # regular files only (scan_folder)
     key = hashlib.sha256(repr((DECODE_VERSION, PIL.__version__, [os.path.realpath(f) for f in data.files],
                                [(s.st_size, s.st_mtime_ns) for s in stat], size, data.channels,
@@ -345,52 +345,59 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
         try:
             from safetensors import safe_open
             with safe_open(str(cache), framework="pt") as f:
-                bad = json.loads((f.metadata() or {}).get("unreadable", "[]"))
+                bad = json.loads((f.metadata() or {}).get("unreadable", "[]"))  # indices into data.files
             t = load_file(str(cache))
-            _report_unreadable(bad)
-            return _decoded(data, t["images"], t["labels"], bad)
+            out = _decoded(data, t["images"], t["labels"], bad)
+            _report_unreadable(data, bad)
+            return out
         except Exception:
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
     images, labels, bad = _decode_all(data, size, skip_bad, progress)
-    _report_unreadable(bad)
+    _report_unreadable(data, bad)
     out = _decoded(data, images, labels, bad)
     try:
-        from .weights import atomic_write
-        atomic_write(cache, lambda tmp: save_file({"images": out.images, "labels": out.labels}, tmp,
-                                                  metadata={"unreadable": json.dumps(bad)}))
+        from .weights import atomic_write, save_safetensors
+        atomic_write(cache, lambda tmp: save_safetensors({"images": out.images, "labels": out.labels}, tmp,
+                                                         {"unreadable": json.dumps(bad)}))
     except OSError:
         pass  # the cache is an optimisation; a read-only or full disk must not stop training
     return out
 
 
-def _decoded(data: ImageData, images: torch.Tensor, labels: torch.Tensor, bad: list[str]) -> ImageData:
-    """The decoded images of ``data``'s files; where unreadable ones were dropped, each image's place among
-    the files is kept, so that a split carved from them is the one carved from the streamed files."""
+def _decoded(data: ImageData, images: torch.Tensor, labels: torch.Tensor, bad: list[int]) -> ImageData:
+    """The decoded images of ``data``'s files, the unreadable ones (``bad``: their indices) left out; each
+    image's place among the files is kept, so that a split carved from them is the one carved from the
+    streamed files."""
+    if len(images) != len(labels) or len(images) + len(bad) != len(data.files) or \
+            any(not isinstance(i, int) or not 0 <= i < len(data.files) for i in bad):
+        raise ValueError("a decoded set that does not match its files")  # a damaged cache: rebuilt
     out = ImageData(labels, data.classes, images=images, channels=data.channels, dropped=len(bad))
     if bad:
-        left_out = set(bad)
-        out.origin = torch.tensor([i for i, f in enumerate(data.files) if f not in left_out], dtype=torch.long)
-        out.scanned = len(data.files)
+        keep = torch.ones(len(data.files), dtype=torch.bool)
+        keep[bad] = False
+        out.origin, out.scanned = torch.nonzero(keep)[:, 0], len(data.files)
     return out
 
 
-def _report_unreadable(bad: list[str]) -> None:
+def _report_unreadable(data: ImageData, bad: list[int]) -> None:
     if bad:
-        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {data.files[bad[0]]}", file=sys.stderr)
 
 
 def _decode_all(data: ImageData, size: int | None, skip_bad: bool, progress: bool):
-    """The readable images as one preallocated uint8 tensor (no second copy), their labels, the unreadable."""
+    """The readable images as one preallocated uint8 tensor (no second copy), their labels, the indices of the
+    unreadable ones."""
     from tqdm import tqdm
     images, labels, bad, count = None, [], [], 0
-    for path, label in tqdm(list(zip(data.files, data.labels.tolist())), desc="decoding images", unit="img",
-                            disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 60.0):
+    for index, (path, label) in enumerate(tqdm(list(zip(data.files, data.labels.tolist())), desc="decoding images",
+                                               unit="img", disable=not progress, leave=False,
+                                               mininterval=0.1 if sys.stderr.isatty() else 60.0)):
         try:
             img = decode(path, data.channels)
         except DataError:
             if not skip_bad:
                 raise
-            bad.append(path)
+            bad.append(index)
             continue
         if size is not None and img.shape[-2:] != (size, size):
             img = v2.functional.resize(img, [size, size], antialias=True)

@@ -122,8 +122,9 @@ def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_s
     folders = [s for s in ("val", "test") if dataset == "imagefolder" and (Path(data_dir) / s).is_dir()]
     split = split or ("val" if carved or folders[:1] == ["val"] else "test")
     if split == "val" and not carved and dataset != "imagefolder":  # it would silently be the test split
-        raise ConfigError(f"this run carved no validation split from {dataset} (val_split 0): pass --split test, "
-                          f"or --val-split N to carve N seeded training images")
+        why = "this run carved no validation split" if same_data else "on other data than the run's there is no split"
+        raise ConfigError(f"{why} to evaluate as val: pass --split test, or --val-split N to carve N seeded "
+                          f"training images of {dataset}")
     kwargs = dict(img_size=info.img_size, download=False, skip_bad_images=skip_bad_images)
     if split == "val" and carved:
         data = split_train_val(load_dataset(dataset, data_dir, train=True, **kwargs), carved,
@@ -174,7 +175,8 @@ def embed(model: ConvMixer, info: RunInfo, files: list[str], batch_size: int = 6
     with eval_mode(model):
         for start in range(0, len(files), batch_size):
             x = torch.stack([transform(decode(f, channels)) for f in files[start:start + batch_size]])
-            out.append(model.forward_head(model.forward_features(x), pre_logits=True))
+            features = model.forward_head(model.forward_features(x), pre_logits=True)
+            out.append(features.mean((2, 3)) if features.ndim == 4 else features)  # global_pool "": pooled here
     return torch.cat(out)
 
 
@@ -195,7 +197,7 @@ def predict(model: ConvMixer, info: RunInfo, files: list[str], top_k: int = 5, d
                 x = transform(decode(f, channels)).unsqueeze(0).to(device)
             except DataError as e:
                 if not skip_bad_images:
-                    raise
+                    raise DataError(f"{e}; pass --skip-bad-images to report it and predict the others") from None
                 results.append({"file": str(f), "error": str(e)})
                 continue
             probs = model(x).softmax(-1)[0].cpu()

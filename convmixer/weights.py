@@ -92,6 +92,8 @@ def check_new_file(path: Path, overwrite: bool, flag: str = "--out") -> Path:
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the folders to be made: their first existing parent
         folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: {folder} is a file, not a folder: choose another place")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: cannot write in {folder} (permission denied): choose another place")
     return path
@@ -253,22 +255,24 @@ def load_into(model: torch.nn.Module, state_dict: dict, strict: bool = True, sou
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write the model's state dict as safetensors (atomically). A ConvMixer also records its
     architecture (and its variant's name), so every ``convmixer`` command can rebuild it."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {}
     if isinstance(getattr(model, "model_args", None), dict):
         meta["model_args"] = json.dumps(model.model_args)
         meta["model_name"] = getattr(model, "model_name", "")
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write(path, lambda tmp: _save_file(save_file, tensors, tmp, meta))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))
 
 
-def _save_file(save_file, tensors: dict, tmp, meta: dict) -> None:
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a full disk or an unwritable file raised as the OSError it is (safetensors
+    reports them in its own error type)."""
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
     try:
-        save_file(tensors, tmp, metadata=meta)
-    except SafetensorError as e:  # safetensors reports a full disk or an unwritable file in its own type
-        raise OSError(errno.EIO, (str(e).splitlines() or ["write failed"])[0], str(tmp)) from e
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(errno.EIO, (str(e).splitlines() or ["write failed"])[0], str(path)) from e
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> torch.nn.Module:
