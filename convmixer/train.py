@@ -180,8 +180,13 @@ class Run:
                     scaler=self.scaler.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
                     rng=_rng_state(), epoch=self.epoch, batch_in_epoch=self.batch, step=self.step, best=self.best,
                     partial=self.stats, elapsed=self.elapsed(), record=record,
-                    data_sizes=[len(self.train_data), len(self.val_data) if self.val_data is not None else 0],
+                    data_sizes=self.data_sizes(),
                     **dataclasses.asdict(self.info))
+
+    def data_sizes(self) -> list[int]:
+        """Training and validation images, unreadable ones left out in decoding counted (so that streaming
+        the same folder gives the same figures)."""
+        return [len(d) + d.dropped if d is not None else 0 for d in (self.train_data, self.val_data)]
 
     def restore(self, ckpt: dict):
         self.model.load_state_dict(ckpt["model"])
@@ -420,7 +425,7 @@ def _restore(run: Run, ckpt: dict) -> None:
         raise TrainingError(f"the data in {run.cfg.data_dir} has {len(info.classes)} classes ({', '.join(info.classes[:3])}"
                             f"...) and {margs['in_chans']} channel(s), but this run trained on {len(ckpt['classes'])} "
                             f"({', '.join(map(str, ckpt['classes'][:3]))}...): resume with the run's own data")
-    sizes = [len(run.train_data), len(run.val_data) if run.val_data is not None else 0]
+    sizes = run.data_sizes()
     if ckpt.get("data_sizes", sizes) != sizes:  # images added or removed: the seeded split would move
         raise TrainingError(f"the data in {run.cfg.data_dir} gives {sizes[0]} training / {sizes[1]} validation images, "
                             f"but this run had {ckpt['data_sizes'][0]} / {ckpt['data_sizes'][1]}: resume with the "
