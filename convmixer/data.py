@@ -413,22 +413,23 @@ def _decode_all(data: ImageData, size: int | None, skip_bad: bool, progress: boo
     return images[:count], torch.tensor(labels), bad
 
 
-MAX_ARCHIVE_MEMBERS = 10_000_000  # ImageNet's training set is 1.3 million files
+MAX_ARCHIVE_MEMBERS = 2_000_000  # ImageNet's training set is 1.3 million files
 ARCHIVE_EXPANSION, ARCHIVE_SLACK = 100, 1 << 30  # image files barely compress: an archive unpacks to at most this
 
 
-def _check_unpacked_size(tarball: Path, members: list, folder: Path) -> None:
-    """Refuse, before writing anything, an archive that would unpack to more than the disk has free or more
-    than 100 times its own size (image files barely compress: more is a decompression bomb), or to more
-    entries than any image data set holds."""
+def _check_unpacked_size(tarball: Path, tar: tarfile.TarFile, folder: Path) -> None:
+    """Read the archive's headers and refuse, before writing anything, one that would unpack to more than the
+    disk has free or more than 100 times its own size (image files barely compress: more is a decompression
+    bomb), or to more entries than an image data set holds; stops reading as soon as a bound is passed."""
     import shutil
-    total = sum(m.size for m in members if m.isfile())
-    free = shutil.disk_usage(folder).free
-    if (total > free or total > ARCHIVE_EXPANSION * tarball.stat().st_size + ARCHIVE_SLACK
-            or len(members) > MAX_ARCHIVE_MEMBERS):
-        raise DataError(f"{tarball} would unpack to {total / 2 ** 30:.1f} GiB in {len(members):,} entries "
-                        f"({free / 2 ** 30:.1f} GiB free in {folder}): not an image data set archive, or set "
-                        f"CONVMIXER_CACHE to a folder with room")
+    limit = min(shutil.disk_usage(folder).free, ARCHIVE_EXPANSION * tarball.stat().st_size + ARCHIVE_SLACK)
+    total = count = 0
+    for member in tar:
+        total, count = total + (member.size if member.isfile() else 0), count + 1
+        if total > limit or count > MAX_ARCHIVE_MEMBERS:
+            raise DataError(f"{tarball} would unpack to over {total / 2 ** 30:.1f} GiB or {count:,} entries (at most "
+                            f"{limit / 2 ** 30:.1f} GiB, {MAX_ARCHIVE_MEMBERS:,} entries here): not an image data set "
+                            f"archive, or set CONVMIXER_CACHE to a folder with room")
 
 
 def _extract_tarball(tarball: Path) -> Path:
@@ -452,9 +453,8 @@ def _extract_tarball(tarball: Path) -> Path:
                         f"writable folder") from e
     try:
         with tarfile.open(tarball) as tar:
-            members = tar.getmembers()
-            _check_unpacked_size(tarball, members, target.parent)
-            tar.extractall(tmp, members=members, filter="data")
+            _check_unpacked_size(tarball, tar, target.parent)
+            tar.extractall(tmp, filter="data")
         os.replace(tmp, target)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if target.is_dir():  # another process unpacked the same archive meanwhile
