@@ -222,6 +222,14 @@ def test_a_folder_is_decoded_only_when_its_images_share_one_size(tmp_path, monke
     assert load_dataset("imagefolder", root, progress=False).images.shape == (8, 3, 8, 8)
     monkeypatch.setattr("convmixer.data.cache_budget", lambda: 8 * 3 * 8 * 8 - 1)  # one byte short: streamed
     assert load_dataset("imagefolder", root, progress=False).images is None
+    monkeypatch.undo()
+    from convmixer.train import _native_size
+    wide = _folder(tmp_path / "wide", n=2, size=8)
+    for f in wide.rglob("*.png"):
+        Image.new("RGB", (12, 8)).save(f)  # same-size 12 x 8 images: decoded, or streamed with --cache false
+    decoded, streamed = (load_dataset("imagefolder", wide, cache=c, progress=False) for c in (True, False))
+    assert decoded.images is not None and streamed.images is None
+    assert _native_size(decoded, False) == _native_size(streamed, False) == 224  # was 12 decoded, 224 streamed
 
 
 def test_the_cache_of_decoded_images_remembers_skip_bad_images(tmp_path):

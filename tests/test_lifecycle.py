@@ -61,6 +61,23 @@ def test_resume_restores_the_runs_own_settings_and_folder(tmp_path, fashion_dir,
     assert snapshot(out) == before
 
 
+def test_resume_messages_and_a_mid_epoch_checkpoint(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "r"
+    assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2  # the folder: its checkpoint is named
+    assert f"--resume {out / 'last.pt'}" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text(f"out: {tmp_path / 'elsewhere'}\nepochs: 2\n")  # a config's own out: no --out
+    assert main(["train", "--resume", str(out / "last.pt"), "--config", str(tmp_path / "c.yaml")]) == 0
+    assert epochs_logged(out) == [1, 2] and not (tmp_path / "elsewhere").exists()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["batch_in_epoch"] = 1  # as a signal one step into epoch 3 leaves it
+    torch.save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "2"]) == 2  # would save an unevaluated model
+    assert "fewer than the 3 epochs this run has done or begun" in capsys.readouterr().err
+
+
 def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys):
     out = tmp_path / "k11"
     assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
