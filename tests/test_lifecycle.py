@@ -78,6 +78,22 @@ def test_resume_messages_and_a_mid_epoch_checkpoint(tmp_path, fashion_dir, capsy
     assert "fewer than the 3 epochs this run has done or begun" in capsys.readouterr().err
 
 
+def test_a_checkpoint_stopped_mid_epoch_as_the_time_ran_out_ends_evaluated(tmp_path, fashion_dir):
+    """A signal in the same step as the time limit: the mid-epoch checkpoint has its time spent. Resumed, that
+    epoch is closed and evaluated (finish() saved weights that were never evaluated before)."""
+    out = tmp_path / "run"
+    train(cfg(tmp_path, fashion_dir, epochs=2, time_limit=60, val_split=100))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt.update(epoch=1, batch_in_epoch=2, elapsed=3600.0, partial={"loss": 2.0, "correct": 10, "seen": 64,
+                                                                      "seconds": 1.0})
+    torch.save(ckpt, out / "last.pt")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n")
+    summary = train(None, resume=out / "last.pt")
+    assert epochs_logged(out) == [1, 2] and summary["time_limit_reached"]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"] == summary["final_val_top1"]
+
+
 def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys):
     out = tmp_path / "k11"
     assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
