@@ -59,7 +59,7 @@ def main():
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
     v = VARIANTS[args.model]
     builds = {"convmixer (default)": lambda: create_model(args.model)}
     try:

@@ -30,8 +30,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from Ampere (8.x) on; before, torch would emulate it, slowly
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
 
 

@@ -504,7 +504,9 @@ def train_step(run: Run, micro_batches):
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(progress, cfg)
     if cfg.clip_grad > 0:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        if not run.scaler.is_enabled():  # no GradScaler to skip the step: a non-finite gradient makes the loss sum
+            run.pending[0] += norm.double() * 0  # NaN (0 otherwise, no host sync), so agree() stops before a checkpoint
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -525,7 +527,8 @@ def agree(run: Run, stop: SignalFlag) -> bool:
     loss_sum, correct, signalled, spent = agreed.tolist()
     if not math.isfinite(loss_sum):
         cfg = run.cfg
-        raise TrainingError(f"loss became {loss_sum / max(run.pending_seen, 1)} at epoch {run.epoch + 1}, by step "
+        raise TrainingError(f"loss (or its gradient) became {loss_sum / max(run.pending_seen, 1)} at epoch "
+                            f"{run.epoch + 1}, by step "
                             f"{run.step}: training diverged with lr={cfg.lr}, weight_decay={cfg.weight_decay}, "
                             f"clip_grad={cfg.clip_grad}, amp={cfg.amp}; lower lr, keep clip_grad on or set amp=off; "
                             f"the last good checkpoint {run.out / 'last.pt'} is untouched")

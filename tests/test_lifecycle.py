@@ -94,6 +94,20 @@ def test_a_checkpoint_stopped_mid_epoch_as_the_time_ran_out_ends_evaluated(tmp_p
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"] == summary["final_val_top1"]
 
 
+def test_a_non_finite_gradient_stops_before_a_checkpoint(tmp_path, fashion_dir, monkeypatch):
+    """bf16 or fp32 (no GradScaler to skip the step): a gradient that overflows while the loss is still finite
+    was stepped into the weights, and the epoch's checkpoint then saved them."""
+    real = torch.nn.utils.clip_grad_norm_
+
+    def overflowing(parameters, max_norm):
+        real(parameters, max_norm)
+        return torch.tensor(float("inf"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    with pytest.raises(TrainingError, match="or its gradient"):
+        train(cfg(tmp_path, fashion_dir, epochs=1, clip_grad=1.0))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys):
     out = tmp_path / "k11"
     assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
