@@ -762,13 +762,13 @@ def _interrupted(run: Run, stop: SignalFlag) -> dict:
     return {"interrupted": True, "step": run.step, "checkpoint": str(run.out / "last.pt")}
 
 
-def _any_process(run: Run, flag: bool) -> bool:
-    """True if ``flag`` holds on any process."""
-    if run.world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t)
-    return t.item() > 0
+def _agreed_after_epoch(run: Run, stop: SignalFlag) -> tuple[bool, float]:
+    """After an epoch's end (its evaluation and writes): whether any process was signalled, and the time spent
+    (the processes' mean, which all then use)."""
+    t = torch.tensor([float(stop.signum is not None), run.elapsed()], dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        dist.all_reduce(t)
+    return t[0].item() > 0, t[1].item() / run.world
 
 
 def _announce(run: Run):
@@ -831,8 +831,14 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                 end_of_epoch(run, last)
                 if time_up:
                     run.log(f"time limit of {cfg.time_limit:g} min reached at epoch {run.epoch}, step {run.step}")
-                elif not last and _any_process(run, stop.signum is not None):  # also a signal during evaluation
-                    return _interrupted(run, stop)
+                elif not last:  # a signal, or the time running out, during the evaluation just done
+                    signalled, spent = _agreed_after_epoch(run, stop)
+                    if signalled:
+                        return _interrupted(run, stop)
+                    if cfg.time_limit and spent >= cfg.time_limit * 60 and run.epoch % cfg.eval_every == 0:
+                        time_up, run.spent = True, spent  # not a step more, and not a second evaluation
+                        run.log(f"time limit of {cfg.time_limit:g} min reached at epoch {run.epoch}, step {run.step} "
+                                f"(while it was evaluated)")
             return finish(run, time_up)
     finally:
         if run is not None:
