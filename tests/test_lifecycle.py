@@ -108,6 +108,20 @@ def test_a_non_finite_gradient_stops_before_a_checkpoint(tmp_path, fashion_dir, 
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_the_time_running_out_during_an_evaluation_ends_the_run_there(tmp_path, fashion_dir, monkeypatch):
+    """It went on for one more step, then logged that as an epoch and evaluated a second time."""
+    import convmixer.train as train_module
+    real = train_module._validate
+
+    def slow(run, record):  # an evaluation that takes the rest of the hour
+        improved = real(run, record)
+        run.started -= 3600
+        return improved
+    monkeypatch.setattr(train_module, "_validate", slow)
+    summary = train(cfg(tmp_path, fashion_dir, epochs=3, time_limit=60, val_split=100))
+    assert epochs_logged(tmp_path / "run") == [1] and summary["time_limit_reached"]
+
+
 def test_a_new_run_never_replaces_an_existing_one(tmp_path, fashion_dir, capsys):
     out = tmp_path / "k11"
     assert main(cli_args(fashion_dir, out, "--epochs", "1")) == 0
