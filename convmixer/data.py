@@ -631,6 +631,9 @@ class TimmRandAugment:
         hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in rgb_mean))
         self.name = f"rand-m{m}-n{n}-mstd0.5-inc1"
         self.transform = rand_augment_transform(self.name, hparams)
+        for op in self.transform.ops:  # this instance's own operations; timm's module is left as it is
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         gray = img.shape[0] == 1  # timm's operations expect RGB: a grayscale image goes through as R = G = B
@@ -640,6 +643,15 @@ class TimmRandAugment:
 
     def __repr__(self):
         return f"TimmRandAugment({self.name})"
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits (its increasing-severity variant at magnitude 10, which the noise reaches)
+    the black image older Pillow made of it, as in the authors' runs: Pillow 11 refuses 0 bits."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
 
 
 def crop_long_side(img: torch.Tensor) -> torch.Tensor:

@@ -506,7 +506,8 @@ def pretrained_cfg(name: str, model: "ConvMixer", described: dict | None = None)
     size = int(own.get("img_size", v.input_size))
     crop_pct = float(own.get("crop_pct", own.get("config", {}).get("crop_pct", v.crop_pct)))  # older files: config's
     interpolation = own.get("interpolation", "bilinear" if "mean" in own else "bicubic")
-    labels = own["classes"] if len(own.get("classes", ())) == model.num_classes else None
+    classes = own.get("classes")  # none for a variant's own weights, or with num_classes=0
+    labels = classes if classes is not None and len(classes) == model.num_classes else None
     return input_cfg(model, size, interpolation, mean, std, crop_pct, v.url or "", labels)
 
 

@@ -138,3 +138,15 @@ def test_timm_randaugment_is_seeded_per_image_and_leaves_the_global_generators_a
                                            subset=64, download=False, amp="off", progress=False,
                                            randaugment_impl="timm", randaugment_m=9, out=str(tmp_path / "run"))))
     assert summary["epochs_run"] == 1
+
+
+def test_timm_randaugment_survives_posterize_at_full_magnitude():
+    """The magnitude noise reaches 10, where timm's increasing posterize keeps 0 bits, which Pillow 11 refuses."""
+    pytest.importorskip("timm")
+    from convmixer.data import TimmRandAugment
+    aug = TimmRandAugment(1, 10, 16, [0.5] * 3)
+    posterize = next(op for op in aug.transform.ops if op.name == "PosterizeIncreasing")
+    from PIL import Image
+    assert posterize.aug_fn(Image.new("RGB", (4, 4), (200, 100, 50)), 0).getextrema() == ((0, 0),) * 3
+    for _ in range(50):
+        assert aug(_images(1)[0]).shape == (3, 16, 16)

@@ -712,6 +712,7 @@ def test_pictures_and_unwritable_places_are_checked_before_any_work(tmp_path, ca
     assert main(base + ["--confusion-png", str(png), "--overwrite"]) == 0 and Image.open(png).size
     figs = tmp_path / "figs"
     assert main(["viz", "--checkpoint", str(tmp_path / "run"), "--out", str(figs)]) == 0
+    capsys.readouterr()
     assert (figs / "curves.png").is_file()  # the run folder's own curves (it looked one folder too high)
     one_line(capsys, main(["viz", "--checkpoint", w, "--out", str(figs)]), "exists", "--overwrite")
     one_line(capsys, main(["viz", "--runs", str(tmp_path / "run"), "--confusion", "--out", str(figs)]), "--checkpoint")
@@ -753,6 +754,7 @@ def test_a_grayscale_model_evaluates_a_folder_of_rgb_images(tmp_path, fashion_di
     shutil.copytree(fashion_dir / "FashionMNIST" / "raw", mnist / "MNIST" / "raw")  # the same files, MNIST's names
     train(make_config(None, {**TINY, "dataset": "mnist", "data_dir": str(mnist), "epochs": 1, "subset": 64,
                              "out": str(tmp_path / "run")}))
+    capsys.readouterr()
     folder = tmp_path / "digits" / "test"
     for c in map(str, range(10)):  # the run's class names, two RGB images each
         (folder / c).mkdir(parents=True)

@@ -94,6 +94,8 @@ def test_no_import_circle_between_modules():
 
 def test_auto_amp_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch):
     """torch.cuda.is_bf16_supported() is True on a T4 or V100 too (emulated): there fp16 with GradScaler."""
+    import torch
+
     from convmixer.runtime import amp_dtype
     for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
