@@ -57,8 +57,9 @@ def test_flags_then_words_take_precedence_as_documented(capsys):
 
 # --- config files -----------------------------------------------------------------------------------
 BAD_FILES = {
-    "aliases.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nmodel: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+    "aliases.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # 9^10 items once expanded
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) +
+        "model: [*i, *i, *i, *i, *i, *i, *i, *i, *i]\n",
     "list.yaml": "out: [a, b]\n",
     "int_key.yaml": "1: 2\n",
     "dupe.yaml": "epochs: 3\nepochs: 4\n",
@@ -332,6 +333,22 @@ def test_a_replaced_archive_is_unpacked_again(tmp_path):
     _jpeg_tarball(b, 240)
     assert load_dataset("cifar10", a.parent).images.float().mean() < 50
     assert load_dataset("cifar10", b.parent).images.float().mean() > 200
+
+
+def test_an_unpacking_interrupted_midway_is_never_taken_for_complete(tmp_path, monkeypatch):
+    path = tmp_path / "d" / "cifar10-jpg-train.tar.gz"
+    _jpeg_tarball(path, 100)
+    real = tarfile.TarFile.extractall
+
+    def interrupted(self, target, *args, **kwargs):
+        real(self, target, *args, **kwargs)  # everything written, then Ctrl-C before the rename
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tarfile.TarFile, "extractall", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset("cifar10", path.parent)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []  # no folder under its final name
+    monkeypatch.undo()
+    assert len(load_dataset("cifar10", path.parent)) == 6  # unpacked again, whole
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
