@@ -101,12 +101,12 @@ def step_peak_mib(step, device) -> tuple[float, float] | None:
     /proc/self/clear_refs after glibc has returned its free memory (malloc_trim), so each candidate
     is measured from the memory all of them hold and not from what an earlier one left. None where
     neither is available."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated() / 2 ** 20
-        torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":  # the device's own counters: cuda:1 is not the current device
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
         step()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
         return peak, peak - before
     try:
         trim_allocator()
@@ -122,7 +122,7 @@ def step_peak_mib(step, device) -> tuple[float, float] | None:
 
 def _sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 DEFAULT = "convmixer (default)"

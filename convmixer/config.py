@@ -314,11 +314,24 @@ def read_config_file(path: str | Path) -> dict:
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
     except Exception as e:
-        raise ConfigError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
-                          f"{str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {_parse_error(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of key: value")
+    spelled = {}
+    for key in data:  # batch-size and batch_size are one key: the later would silently win
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in spelled:
+            raise ConfigError(f"{p} sets {name} more than once ({spelled[name]} and {key}): keep one")
+        spelled[name] = key
     return data
+
+
+def _parse_error(e: Exception) -> str:
+    """What a YAML or TOML parser found wrong, and where (PyYAML's first line is often only its context)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -343,10 +356,13 @@ def _load_yaml(text: str):
             return super().compose_node(parent, index)
 
         def construct_mapping(self, node, deep=False):
-            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-            dupes = sorted({str(k) for k in keys if keys.count(k) > 1})
+            seen, dupes = set(), set()
+            for k, _ in node.value:  # one pass: a generated file of 100,000 keys must not take minutes
+                key = self.construct_object(k, deep=deep)
+                key = key if isinstance(key, (str, int, float, bool)) or key is None else repr(key)
+                (dupes if key in seen else seen).add(key)
             if dupes:
-                raise ConfigError(f"sets {', '.join(dupes)} more than once: keep one")
+                raise ConfigError(f"sets {', '.join(sorted(map(str, dupes)))} more than once: keep one")
             return super().construct_mapping(node, deep=deep)
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))

@@ -11,7 +11,9 @@ checkpoints and timm state dicts load with ``strict=True``.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -472,7 +474,7 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
         pretrained = variant.shipped
     kwargs = model_kwargs(name)
     shipped = shipped_weights(pretrained)
-    described = decode_metadata(read_metadata(shipped), shipped) if shipped else {}  # their own architecture
+    described = decode_metadata(read_metadata(shipped), shipped) if shipped else _described(pretrained)
     kwargs.update({k: v for k, v in described.get("model_args", {}).items() if k != "fast"})
     unknown = sorted(set(overrides) - set(inspect.signature(ConvMixer).parameters))
     if unknown:
@@ -485,8 +487,22 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
         model.pretrained_cfg["file"] = str(shipped)
     model.model_name = name
     if pretrained:
-        load_pretrained(model, name if pretrained is True else pretrained, variant=variant)
+        load_pretrained(model, True if pretrained in (True, name) else pretrained, variant=variant,
+                        adapt={k for k in ("num_classes", "in_chans") if k in overrides})
     return ConvMixerFeatures(model, out_indices) if features_only else model
+
+
+def _described(pretrained) -> dict:
+    """The architecture and preprocessing a local .safetensors file written by convmixer records (its
+    model_args: classes, channels, patch size...), which the model is built with; {} for other files."""
+    from .weights import decode_metadata, read_metadata
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)):
+        return {}
+    path = Path(pretrained)
+    if not (path.name.endswith(".safetensors") and path.is_file()):
+        return {}
+    meta = read_metadata(path)
+    return decode_metadata(meta, path) if "model_args" in meta else {}
 
 
 def stats_for_channels(mean, std, channels: int) -> tuple[list, list]:

@@ -140,8 +140,13 @@ def torch_load_safely(path: Path, error=None):
     if _is_torchscript(path):  # torch.load would warn and hand it to torch.jit.load, which runs its code
         raise error(f"{path} is a TorchScript program (convmixer export --format torchscript), not weights: load it "
                     f"with torch.jit.load, or give convmixer the run's .safetensors or an .onnx export")
+    import argparse
+    from contextlib import nullcontext
+    # timm's train.py saves its argparse.Namespace beside the weights (timm allows it the same way)
+    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed([argparse.Namespace]) if allowed else nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
         if "Unsupported global" in text:
@@ -307,18 +312,29 @@ def download(url: str, filename: str | None = None) -> Path:
     return target
 
 
-def load_pretrained(model: torch.nn.Module, source, variant=None) -> None:
-    """``source`` is a variant name (download its release file), a shipped name or a local path."""
+def load_pretrained(model: torch.nn.Module, source, variant=None, adapt=()) -> None:
+    """``source`` is True (download the variant's release file), a shipped name or a local file.
+    ``adapt``: what the caller set explicitly, so may differ from the file: ``num_classes`` (a new classifier)
+    and ``in_chans`` (the patch embedding adapted as timm does); anything else must match the file."""
     path = shipped_weights(source)
-    if path is None:
-        path = Path(source) if not isinstance(source, str) or os.sep in source or Path(source).suffix else None
-    if path is None:
+    if path is None and source is True:
         if variant is None or variant.url is None:
             raise WeightsError(f"no released weights for {source!r}; pass pretrained='path/to/weights'")
         path = download(variant.url)
-    state_dict = adapt_stem(checkpoint_filter_fn(read_state_dict(path)), model)
+    elif path is None:
+        path = Path(source)
+        if not path.is_file():
+            raise WeightsError(f"pretrained={str(source)!r}: no such file, and not shipped weights ({', '.join(SHIPPED)}); "
+                               f"pretrained=True loads the variant's released weights")
+    state_dict = checkpoint_filter_fn(read_state_dict(path))
+    if "in_chans" in adapt:
+        state_dict = adapt_stem(state_dict, model)
     head_rows = state_dict.get("head.weight")
-    if head_rows is not None and getattr(model, "num_classes", None) not in (None, head_rows.shape[0]):
+    rows = head_rows.shape[0] if isinstance(head_rows, torch.Tensor) and head_rows.ndim == 2 else None
+    if rows is not None and getattr(model, "num_classes", None) not in (None, rows):
+        if "num_classes" not in adapt:  # a default left as it was: never a silent random classifier
+            raise WeightsError(f"{path} has a {rows}-class classifier and the model {model.num_classes} classes: pass "
+                               f"num_classes={rows} to use it, or another num_classes for a new classifier")
         load_into(model, state_dict, strict=False, source=str(path))  # new classifier for fine-tuning
     else:
         load_into(model, state_dict, strict=True, source=str(path))

@@ -933,3 +933,18 @@ def test_an_image_over_pillows_pixel_guard_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the guard, an error
     with pytest.raises(DataError, match="big.png.*downscale it first"):
         decode(str(tmp_path / "big.png"))
+
+
+def test_config_file_keys_spelled_twice_and_syntax_errors_say_where(tmp_path, capsys):
+    for name, text in (("c.yaml", "batch-size: 64\nbatch_size: 128\n"), ("c.toml", "batch-size = 64\nbatch_size = 128\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match="sets batch_size more than once"):
+            read_config_file(tmp_path / name)
+    (tmp_path / "tab.yaml").write_text("epochs: 3\nlr 0.05\nmodel: x\n")  # a missing colon
+    with pytest.raises(ConfigError, match="line [23], column"):
+        read_config_file(tmp_path / "tab.yaml")
+    (tmp_path / "many.yaml").write_text("".join(f"k{i}: {i}\n" for i in range(60_000)))  # one pass, not n^2
+    start = time.time()
+    with pytest.raises(ConfigError):
+        make_config(tmp_path / "many.yaml")
+    assert time.time() - start < 30

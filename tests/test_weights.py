@@ -58,6 +58,27 @@ def test_pretrained_local_file_and_new_head(tmp_path):
     assert torch.equal(finetune.stem[0].weight, source.stem[0].weight) and finetune.head.out_features == 3
 
 
+def test_pretrained_never_leaves_a_silent_random_classifier(tmp_path):
+    """A 100-class file loaded into the variant's default 10 classes kept a random head, without a word."""
+    import argparse
+    source = ConvMixer(16, 2, kernel_size=3, patch_size=2, num_classes=100, in_chans=1)
+    save_weights(source, tmp_path / "c100.safetensors")  # records its architecture: the model is built as it
+    model = create_model("convmixer_256_8", pretrained=str(tmp_path / "c100.safetensors"))
+    assert model.num_classes == 100 and model.in_chans == 1 and torch.equal(model.head.weight, source.head.weight)
+    torch.save(source.state_dict(), tmp_path / "c100.pth")  # bare weights: the default must match, or be asked for
+    with pytest.raises(WeightsError, match="100-class classifier.*num_classes=100"):
+        create_model("convmixer_256_8", dim=16, depth=2, kernel_size=3, in_chans=1, pretrained=str(tmp_path / "c100.pth"))
+    assert create_model("convmixer_256_8", dim=16, depth=2, kernel_size=3, in_chans=1, num_classes=100,
+                        pretrained=str(tmp_path / "c100.pth")).head.out_features == 100
+    with pytest.raises(WeightsError, match="no such file"):  # a typo of fashion_mnist: not the ImageNet release
+        create_model("convmixer_1536_20", pretrained="fashion-mnist")
+    # timm's train.py saves its argparse.Namespace beside the weights: read, not refused as code
+    torch.save({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1), "epoch": 3}, tmp_path / "t.pth.tar")
+    fresh = ConvMixer(16, 2, kernel_size=3, patch_size=2, num_classes=100, in_chans=1)
+    load_weights(fresh, tmp_path / "t.pth.tar")
+    assert torch.equal(fresh.head.weight, source.head.weight)
+
+
 def test_mismatch_names_tensors_and_hint(tmp_path):
     save_weights(small(num_classes=4), tmp_path / "w.safetensors")
     with pytest.raises(WeightsError, match=r"head\.weight.*num_classes"):
