@@ -464,9 +464,11 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     """Build a named variant. ``pretrained=True`` loads the official release weights (downloaded
     once into the torch hub cache; for ``convmixer_256_8`` the shipped CIFAR-10 weights),
     ``pretrained="cifar10" | "fashion_mnist"`` the project's shipped weights (their architecture:
-    patch size, input channels), ``pretrained="file.pth|.pth.tar|.safetensors"`` a local file.
+    patch size, input channels), ``pretrained="file.pth|.pth.tar|.safetensors"`` a local file (a
+    .safetensors file convmixer wrote: built with its own architecture, classes and channels).
     Any constructor argument can be overridden (``num_classes=10``, ``in_chans=1``, ...); with
-    pretrained weights a different ``num_classes`` gets a fresh classifier. ``features_only=True``
+    pretrained weights an explicit ``num_classes`` other than the file's gets a fresh classifier and an
+    explicit ``in_chans`` an adapted patch embedding; a file that differs otherwise is refused. ``features_only=True``
     returns a ConvMixerFeatures whose forward gives the ``out_indices`` feature maps (default: all)."""
     from .weights import decode_metadata, load_pretrained, read_metadata, shipped_weights
     variant = VARIANTS.get(name)
