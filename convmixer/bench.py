@@ -142,7 +142,8 @@ def candidates(model_name: str, device: torch.device, include_timm: bool = True)
             from timm.models.convmixer import ConvMixer as TimmConvMixer
             out.append(Candidate("timm eager fp32", lambda: TimmConvMixer(**kwargs, act_layer=act)))
             # the best a timm user would run: the same autocast and memory layout as ours
-            out.append(Candidate(f"timm {'bf16' if fast_dtype == torch.bfloat16 else 'amp-auto'} channels_last",
+            label = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[fast_dtype]
+            out.append(Candidate(f"timm {label} channels_last",
                                  lambda: TimmConvMixer(**kwargs, act_layer=act), amp=fast_dtype, channels_last=True))
         except ImportError:
             pass
@@ -296,9 +297,15 @@ def _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size) -> list
             row["infer_share_of_peak"] = row["infer_gflops"] / peak
         rows.append(row)
     base = next(r for r in rows if r["name"] in BASELINES)  # timm eager when timm is there, else plain PyTorch
+    # like for like: against timm run with the same autocast dtype and memory layout, where it was measured
+    same = {(r["amp"], r["channels_last"]): r for r in rows if r["name"].startswith("timm ")}
     for r in rows:
         r["train_ratio_vs_" + base["name"].split()[0]] = r["train_images_per_second"] / base["train_images_per_second"]
         r["infer_ratio_vs_" + base["name"].split()[0]] = r["infer_images_per_second"] / base["infer_images_per_second"]
+        twin = same.get((r["amp"], r["channels_last"]))
+        if twin is not None and not r["name"].startswith("timm "):
+            r["train_ratio_vs_timm_same_settings"] = r["train_images_per_second"] / twin["train_images_per_second"]
+            r["infer_ratio_vs_timm_same_settings"] = r["infer_images_per_second"] / twin["infer_images_per_second"]
     return rows
 
 
@@ -330,6 +337,11 @@ def format_table(report: dict) -> str:
                  f"step (of which the step's own):")
     lines += [f"  {r['name']:<24} {r['peak_memory_mb']:>8.0f} MiB ({r['step_memory_mb']:.0f})" for r in rows
               if "peak_memory_mb" in r]
+    default = rows[0]
+    if "train_ratio_vs_timm_same_settings" in default:
+        lines.append(f"{default['name']} against timm with the same autocast ({default['amp']}) and memory layout: "
+                     f"training {default['train_ratio_vs_timm_same_settings']:.2f}x, inference "
+                     f"{default['infer_ratio_vs_timm_same_settings']:.2f}x")
     if report["matmul_peak_gflops"]:
         lines.append("matmul peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflops"].items()))
     return "\n".join(lines)

@@ -333,6 +333,7 @@ def test_bench_command_reports_side_by_side(capsys):
         assert r["train_images_per_second"] > 0 and r["infer_images_per_second"] > 0 and r["latency_ms"] > 0
         assert "train_ratio_vs_timm" in r
         assert r["peak_memory_mb"] >= r["step_memory_mb"] > 0  # per candidate (Linux: VmHWM reset per step)
+    assert "train_ratio_vs_timm_same_settings" in report["results"][0]  # like for like: same autocast, layout
     assert report["matmul_peak_gflops"]["fp32"] > 0 and report["process_max_rss_mb"] > 0
     rng = torch.random.get_rng_state()
     assert main(["bench", "--model", "convmixer_256_8", "--img-size", "8", "--batch-size", "4",
