@@ -326,7 +326,13 @@ def load_pretrained(model: torch.nn.Module, source, variant=None, adapt=()) -> N
         if not path.is_file():
             raise WeightsError(f"pretrained={str(source)!r}: no such file, and not shipped weights ({', '.join(SHIPPED)}); "
                                f"pretrained=True loads the variant's released weights")
-    state_dict = checkpoint_filter_fn(read_state_dict(path))
+    try:
+        state_dict = checkpoint_filter_fn(read_state_dict(path))
+    except WeightsError as e:
+        if source is not True:
+            raise
+        path.unlink(missing_ok=True)  # a download cut short is kept by nothing else: removed, fetched afresh next time
+        raise WeightsError(f"{e}; the damaged download was removed: run again to download it afresh") from None
     if "in_chans" in adapt:
         state_dict = adapt_stem(state_dict, model)
     head_rows = state_dict.get("head.weight")

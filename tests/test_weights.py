@@ -139,6 +139,13 @@ def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
         assert torch.equal(named.head.weight, reference.head.weight)
         assert (info.img_size, info.crop_pct, info.classes[:2]) == (32, 1.0, ["0", "1"])
         assert info.mean == list(convmixer.VARIANTS["convmixer_256_8"].mean)
+        # a download cut short stayed in the cache and failed every later call: removed, then fetched afresh
+        cached = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "release.pth.tar"
+        cached.write_bytes(cached.read_bytes()[:1000])
+        with pytest.raises(WeightsError, match="damaged download was removed"):
+            create_model("convmixer_256_8", pretrained=True)
+        assert not cached.exists()
+        assert torch.equal(create_model("convmixer_256_8", pretrained=True).head.weight, reference.head.weight)
     finally:
         server.shutdown()
 
