@@ -57,7 +57,6 @@ class ImageData:
     channels: int = 3
     dropped: int = 0  # unreadable files left out when decoding with skip_bad (counted in evaluate's "skipped")
     origin: torch.Tensor | None = None  # after such drops: each image's index among the files scanned
-    scanned: int | None = None          # and how many files were scanned (split_train_val splits those)
 
     def __len__(self):
         return len(self.labels)
@@ -335,7 +334,7 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     of another size are resized to ``size``; with ``size=None`` they must all share the first one's
     (else MixedSizes)."""
     import PIL
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     stat = [os.stat(f) for f in data.files]  # regular files only (scan_folder)
     key = hashlib.sha256(repr((DECODE_VERSION, PIL.__version__, [os.path.realpath(f) for f in data.files],
                                [(s.st_size, s.st_mtime_ns) for s in stat], size, data.channels,
@@ -343,11 +342,9 @@ def decode_folder(data: ImageData, size: int | None, skip_bad: bool = False, pro
     cache = cache_dir() / f"images-{key}.safetensors"
     if cache.is_file():
         try:
-            from safetensors import safe_open
-            with safe_open(str(cache), framework="pt") as f:
+            with safe_open(str(cache), framework="pt") as f:  # one read: the tensors and the metadata
                 bad = json.loads((f.metadata() or {}).get("unreadable", "[]"))  # indices into data.files
-            t = load_file(str(cache))
-            out = _decoded(data, t["images"], t["labels"], bad)
+                out = _decoded(data, f.get_tensor("images"), f.get_tensor("labels"), bad)
             _report_unreadable(data, bad)
             return out
         except Exception:
@@ -375,7 +372,7 @@ def _decoded(data: ImageData, images: torch.Tensor, labels: torch.Tensor, bad: l
     if bad:
         keep = torch.ones(len(data.files), dtype=torch.bool)
         keep[bad] = False
-        out.origin, out.scanned = torch.nonzero(keep)[:, 0], len(data.files)
+        out.origin = torch.nonzero(keep)[:, 0]
     return out
 
 
@@ -580,7 +577,7 @@ def split_train_val(data: ImageData, val_size: float, seed: int = 0) -> tuple[Im
     """A seeded random validation split carved from the training set: ``val_size`` images
     (or that fraction of them when < 1). It is drawn over the files scanned, so unreadable files dropped
     while decoding leave every other image on the side it has when the files are streamed."""
-    n = data.scanned or len(data)
+    n = len(data) + (data.dropped if data.origin is not None else 0)  # the files scanned
     count = int(round(val_size * n)) if val_size < 1 else int(val_size)
     if not 0 < count < n:
         raise DataError(f"--val-split {val_size} leaves no training or no validation images out of {n}")
@@ -619,8 +616,8 @@ def train_transform(cfg, img_size: int, mean, std) -> v2.Compose:
 class TimmRandAugment:
     """timm's RandAugment as the paper's ImageNet recipe ran it (``rand-mM-nN-mstd0.5-inc1``: magnitude M of 10
     with noise of std 0.5, each of N operations applied with probability 0.5, the increasing-severity variants),
-    on a uint8 tensor image. timm draws from Python's and NumPy's generators, which TransformedImages seeds per
-    image along with torch's."""
+    on a uint8 tensor image. timm draws from Python's and NumPy's generators: they are seeded from torch's (which
+    TransformedImages seeds per image) for each call, and put back after it."""
 
     def __init__(self, n: int, m: int, img_size: int, mean):
         try:
@@ -638,7 +635,8 @@ class TimmRandAugment:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         gray = img.shape[0] == 1  # timm's operations expect RGB: a grayscale image goes through as R = G = B
         pil = v2.functional.to_pil_image(img.expand(3, -1, -1) if gray else img)
-        out = v2.functional.pil_to_tensor(self.transform(pil))
+        with _python_and_numpy_seeded(int(torch.randint(2 ** 31, ()))):
+            out = v2.functional.pil_to_tensor(self.transform(pil))
         return out[:1] if gray else out
 
     def __repr__(self):
@@ -700,7 +698,7 @@ class TransformedImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if isinstance(i, tuple):  # (index, seed): the augmentation drawn from the image's own seed, so it is the
             i, seed = i           # same whichever worker draws it and after a resume (training's batches)
-            with torch.random.fork_rng(devices=[]), _python_and_numpy_seeded(seed):  # timm's draw from those
+            with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)  # the CPU's only: a GPU's generator is not forked here
                 return self[i]
         if self.data.images is not None:

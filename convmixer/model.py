@@ -470,13 +470,13 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
     pretrained weights an explicit ``num_classes`` other than the file's gets a fresh classifier and an
     explicit ``in_chans`` an adapted patch embedding; a file that differs otherwise is refused. ``features_only=True``
     returns a ConvMixerFeatures whose forward gives the ``out_indices`` feature maps (default: all)."""
-    from .weights import decode_metadata, load_pretrained, read_metadata, shipped_weights
+    from .weights import load_pretrained, shipped_weights
     variant = VARIANTS.get(name)
     if pretrained is True and variant is not None and variant.url is None and variant.shipped:
         pretrained = variant.shipped
     kwargs = model_kwargs(name)
     shipped = shipped_weights(pretrained)
-    described = decode_metadata(read_metadata(shipped), shipped) if shipped else _described(pretrained)
+    described = _described(shipped or pretrained)  # shipped weights, or a file convmixer wrote: their own architecture
     kwargs.update({k: v for k, v in described.get("model_args", {}).items() if k != "fast"})
     unknown = sorted(set(overrides) - set(inspect.signature(ConvMixer).parameters))
     if unknown:
@@ -495,8 +495,8 @@ def create_model(name: str, pretrained=False, features_only: bool = False, out_i
 
 
 def _described(pretrained) -> dict:
-    """The architecture and preprocessing a local .safetensors file written by convmixer records (its
-    model_args: classes, channels, patch size...), which the model is built with; {} for other files."""
+    """The architecture and preprocessing a .safetensors file written by convmixer records (its model_args:
+    classes, channels, patch size...), which the model is built with; {} for anything else."""
     from .weights import decode_metadata, read_metadata
     if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)):
         return {}

@@ -375,7 +375,6 @@ class RunFolder:
         for name in names:  # temporaries left by a write that was killed (we hold the lock); no other file
             for tmp in self.path.glob(f".{name}.*.tmp"):
                 tmp.unlink(missing_ok=True)
-        self.replaced = []
         if resume:
             return
         existing = [found for pattern in names for found in sorted(p.name for p in self.path.glob(pattern))]

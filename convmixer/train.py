@@ -171,6 +171,10 @@ class Run:
         limit = self.cfg.time_limit * 60
         return max((self.step + 1) / total, spent / limit if limit else 0.0)
 
+    def out_of_time(self, spent: float) -> bool:
+        """Whether ``spent`` seconds (a figure all processes agree on) reach the time limit, if there is one."""
+        return bool(self.cfg.time_limit) and spent >= self.cfg.time_limit * 60
+
     def log(self, *args):
         if self.rank == 0:
             print(*args, flush=True)
@@ -654,7 +658,7 @@ def train_epoch(run: Run, stop: SignalFlag) -> str | None:
             continue
         if agree(run, stop):
             ended = "signal"
-        elif run.cfg.time_limit and run.spent >= run.cfg.time_limit * 60:
+        elif run.out_of_time(run.spent):
             ended = "time"
         if bar is not None:
             bar.set_postfix(loss=f"{stats['loss'] / stats['seen']:.3f}", acc=f"{stats['correct'] / stats['seen']:.3f}",
@@ -815,7 +819,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
     try:
         run = build_run(cfg, ckpt, Path(cfg.out), overwrite)
         # resumed with its time spent: the checkpoint's own figure, the same on every process
-        time_up = ckpt is not None and bool(cfg.time_limit) and run.spent >= cfg.time_limit * 60
+        time_up = ckpt is not None and run.out_of_time(run.spent)
         _announce(run)
         with SignalFlag() as stop:
             if time_up and run.batch:  # a signal stopped it mid-epoch as the time ran out: close that epoch
@@ -835,7 +839,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                     signalled, spent = _agreed_after_epoch(run, stop)
                     if signalled:
                         return _interrupted(run, stop)
-                    if cfg.time_limit and spent >= cfg.time_limit * 60 and run.epoch % cfg.eval_every == 0:
+                    if run.out_of_time(spent) and run.epoch % cfg.eval_every == 0:
                         time_up, run.spent = True, spent  # not a step more, and not a second evaluation
                         run.log(f"time limit of {cfg.time_limit:g} min reached at epoch {run.epoch}, step {run.step} "
                                 f"(while it was evaluated)")

@@ -2,9 +2,9 @@
 the official release files and timm state dicts."""
 from __future__ import annotations
 
+import errno
 import json
 import os
-import errno
 import re
 import secrets
 from pathlib import Path
@@ -319,7 +319,7 @@ def load_pretrained(model: torch.nn.Module, source, variant=None, adapt=()) -> N
     path = shipped_weights(source)
     if path is None and source is True:
         if variant is None or variant.url is None:
-            raise WeightsError(f"no released weights for {source!r}; pass pretrained='path/to/weights'")
+            raise WeightsError("this variant has no released weights; pass pretrained='path/to/weights'")
         path = download(variant.url)
     elif path is None:
         path = Path(source)
