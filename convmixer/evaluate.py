@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import ImageData, decode, eval_batches, eval_transform, load_dataset, split_train_val
@@ -61,13 +62,15 @@ def eval_mode(model: torch.nn.Module, device=None):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size: int = 256, device="cpu",
              amp: torch.dtype | None = None, channels_last: bool = True, tta_flip: bool = False,
-             workers: int = 0, tta_shift: int = 0, skip_bad_images: bool = False) -> dict:
+             workers: int = 0, tta_shift: int = 0, skip_bad_images: bool = False, distributed: bool = False) -> dict:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
 
     Test-time augmentation averages the logits of several views: with ``tta_flip`` each view and its
     mirror, with ``tta_shift=s`` also the image translated by (+s, +s) and (-s, -s) pixels (reflected
     border), so 1, 2, 3 or 6 views in all. With ``skip_bad_images`` unreadable files are left out of
-    every figure and counted in ``skipped``.
+    every figure and counted in ``skipped``. With ``distributed`` (every process of an initialised process
+    group calls it) each process evaluates every world-th image from its rank, with rank 0's buffers (its
+    BatchNorm statistics: the weights it saves), and all return the figures of the whole set.
     """
     if tta_shift < 0:
         raise ConfigError(f"tta_shift must be 0 (off) or a number of pixels, got {tta_shift}")
@@ -77,8 +80,10 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
     num_classes = len(info.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
+    world = dist.get_world_size() if distributed and dist.is_initialized() else 1
+    share = _share(model, data) if world > 1 else data
     with eval_mode(model):
-        for images, labels in eval_batches(data, batch_size, info_transform(info), workers, skip_bad_images):
+        for images, labels in eval_batches(share, batch_size, info_transform(info), workers, skip_bad_images):
             images = images.to(device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -94,6 +99,8 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
             confusion += torch.bincount(labels * num_classes + logits.argmax(-1),
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
             n += len(labels)
+    if world > 1:
+        loss_sum, top5, n, confusion = _added_up(loss_sum, top5, n, confusion, device)
     if n == 0:
         raise DataError("the evaluation set is empty" + (" (no image was readable)" if len(data) else "") +
                         ": point --data-dir/--split at images")
@@ -101,6 +108,24 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
     return {"top1": confusion.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
             "skipped": len(data) - n + data.dropped,
             "per_class": dict(zip(info.classes, per_class)), "confusion": confusion.tolist()}
+
+
+def _share(model: torch.nn.Module, data: ImageData) -> ImageData:
+    """This process's share of a distributed evaluation: every world-th image from its rank. The model's
+    buffers are made rank 0's first: each process's BatchNorm statistics drifted from the others' in training."""
+    if isinstance(model, torch.nn.Module):
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+    return data.subset(torch.arange(dist.get_rank(), len(data), dist.get_world_size()))
+
+
+def _added_up(loss_sum: float, top5: int, n: int, confusion: torch.Tensor, device: torch.device):
+    """The sums of every process's share (reduced on the device: NCCL reduces GPU tensors only)."""
+    sums = torch.tensor([loss_sum, top5, n], dtype=torch.float64, device=device)
+    confusion = confusion.to(device)
+    dist.all_reduce(sums)
+    dist.all_reduce(confusion)
+    return sums[0].item(), int(sums[1].item()), int(sums[2].item()), confusion.cpu()
 
 
 def load_eval_data(info: RunInfo, dataset=None, data_dir=None, split=None, val_split=None,

@@ -179,10 +179,20 @@ class Run:
         if self.rank == 0:
             print(*args, flush=True)
 
-    def checkpoint(self, record: dict | None = None) -> dict:
+    def rng_states(self) -> list[dict] | None:
+        """Every process's generator states, gathered on rank 0 (None elsewhere); every process calls it."""
+        if self.world == 1:
+            return [_rng_state()]
+        states = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(_rng_state(), states, dst=0)
+        return states
+
+    def checkpoint(self, rng: list[dict], record: dict | None = None) -> dict:
+        """What last.pt holds (rank 0 writes it); ``rng``: rng_states(), so that a resumed run draws on each
+        process what the uninterrupted run would have drawn."""
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
-                    rng=_rng_state(), epoch=self.epoch, batch_in_epoch=self.batch, step=self.step, best=self.best,
+                    rng=rng[0], rng_ranks=rng, epoch=self.epoch, batch_in_epoch=self.batch, step=self.step, best=self.best,
                     partial=self.stats, elapsed=self.elapsed(), record=record,
                     data_sizes=self.data_sizes(),
                     **dataclasses.asdict(self.info))
@@ -203,8 +213,11 @@ class Run:
         self.stats = ckpt.get("partial") or {}
         self.started = time.time() - float(ckpt.get("elapsed", 0.0))
         self.spent = float(ckpt.get("elapsed", 0.0))
-        _set_rng_state(ckpt["rng"])  # rank 0's; the other ranks continue from their own seeds
-        if self.rank > 0:
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # checkpoints before 2026-12-07 hold rank 0's only
+        if isinstance(ranks, list) and len(ranks) == self.world and isinstance(ranks[self.rank], dict):
+            _set_rng_state(ranks[self.rank])
+        else:  # resumed on another number of processes: each continues from a seed of its own
+            _set_rng_state(ckpt["rng"])
             torch.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
             random.seed(self.cfg.seed + 1000 * self.rank + self.step)
 
@@ -683,12 +696,14 @@ def end_of_epoch(run: Run, last: bool) -> dict:
     if rss is not None:
         record["rss_mib"] = rss
     run.epoch, run.batch, run.stats = run.epoch + 1, 0, {}
+    # every process evaluates its share of the validation images; all get the whole set's figures
+    improved = (run.epoch % cfg.eval_every == 0 or last) and _validate(run, record)
+    rng = run.rng_states()
     if run.rank == 0:
-        improved = (run.epoch % cfg.eval_every == 0 or last) and _validate(run, record)
         record["elapsed_seconds"] = run.elapsed()
-        save_checkpoint(run.out / "last.pt", run.checkpoint(record))
+        save_checkpoint(run.out / "last.pt", run.checkpoint(rng, record))
         if cfg.save_every and run.epoch % cfg.save_every == 0:
-            save_checkpoint(run.out / f"epoch_{run.epoch:04d}.pt", run.checkpoint(record))
+            save_checkpoint(run.out / f"epoch_{run.epoch:04d}.pt", run.checkpoint(rng, record))
         if improved:
             save_run_weights(_scored(run, record), run.out / "best.safetensors", run.info, record)
         _print_epoch(record, header=not run.printed)
@@ -729,7 +744,8 @@ def _validate(run: Run, record: dict) -> bool:
     for suffix, m in [("", run.model)] + ([("_ema", run.ema.module)] if run.ema is not None else []):
         r = evaluate(m, run.val_data, run.info, batch_size=max(256, run.cfg.batch_size), device=run.device,
                      amp=run.dtype, channels_last=run.cfg.channels_last, tta_flip=run.cfg.tta_flip,
-                     tta_shift=run.cfg.tta_shift, skip_bad_images=run.cfg.skip_bad_images, workers=run.cfg.workers)
+                     tta_shift=run.cfg.tta_shift, skip_bad_images=run.cfg.skip_bad_images, workers=run.cfg.workers,
+                     distributed=run.world > 1)
         record.update({f"val_loss{suffix}": r["loss"], f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"]})
     record["eval_seconds"] = time.time() - start
     score = max(record["val_top1"], record.get("val_top1_ema", -1))
@@ -828,8 +844,9 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                 ended = train_epoch(run, stop)
                 time_up = ended == "time"
                 if ended == "signal" and run.batch < run.steps_per_epoch:
+                    rng = run.rng_states()
                     if run.rank == 0:
-                        save_checkpoint(run.out / "last.pt", run.checkpoint())
+                        save_checkpoint(run.out / "last.pt", run.checkpoint(rng))
                     return _interrupted(run, stop)
                 last = run.epoch + 1 == cfg.epochs or time_up
                 end_of_epoch(run, last)

@@ -268,6 +268,101 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path, fashion_d
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, nproc=2):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                          f"--master_port={_free_port()}", "-m", "convmixer", *args], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_ddp_resume_draws_what_each_process_would_have_drawn(tmp_path, fashion_dir):
+    """A 2-process run resumed from its epoch-1 checkpoint ends with the uninterrupted run's weights: rank 1's
+    augmentation (flips, translations) continues from its own saved generator, not from a new seed. Its
+    validation figures are those of rank 0's weights, each process having evaluated half of the images."""
+    common = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "150",
+              "--epochs", "2", "--batch-size", "64", "--dim", "16", "--depth", "2", "--kernel-size", "3",
+              "--patch-size", "2", "--randaugment-n", "0", "--hflip", "0.5", "--translate", "2", "--amp", "off",
+              "--progress", "false", "--lr", "0.01", "--save-every", "1"]
+    _torchrun(common + ["--out", str(tmp_path / "whole")])
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    (branch / "epoch_0001.pt").write_bytes((tmp_path / "whole" / "epoch_0001.pt").read_bytes())
+    _torchrun(["train", "--resume", str(branch / "epoch_0001.pt")])
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(branch / "last.pt", weights_only=True)
+    assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+    from convmixer.evaluate import evaluate
+    from convmixer.run import RunInfo
+    from convmixer.train import prepare_data
+    info, cfg = RunInfo.from_dict(a, str(tmp_path / "whole")), TrainConfig(**a["config"])
+    _, val, _ = prepare_data(cfg)
+    from convmixer.model import ConvMixer
+    model = ConvMixer(**info.model_args)
+    model.load_state_dict(a["model"])
+    alone = evaluate(model, val, info, batch_size=256, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
+                     tta_shift=cfg.tta_shift)
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert abs(logged["val_top1"] - alone["top1"]) <= 1 / 150  # other batches: one rounding-close call may flip
+    assert logged["val_loss"] == pytest.approx(alone["loss"], rel=1e-4)
+
+
+_SHARED_EVALUATION = """
+import json, os, sys
+import torch, torch.distributed as dist
+from convmixer.data import ImageData
+from convmixer.evaluate import evaluate
+from convmixer.model import ConvMixer
+from convmixer.run import RunInfo
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=3, in_chans=1)
+for m in model.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-1, 1); m.running_var.uniform_(0.5, 2)
+if dist.get_rank() == 1:  # drifted statistics, as after training: rank 0's must be used
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.add_(0.5)
+seen = []
+model.register_forward_pre_hook(lambda mod, args: seen.append(len(args[0])))
+data = ImageData(torch.arange(51) % 3, ["a", "b", "c"], torch.randint(0, 256, (51, 1, 8, 8), dtype=torch.uint8,
+                 generator=torch.Generator().manual_seed(1)), channels=1)
+info = RunInfo(model_args=dict(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=3, in_chans=1),
+               classes=["a", "b", "c"], img_size=8, mean=[0.5], std=[0.25], crop_pct=1.0)
+r = evaluate(model, data, info, batch_size=8, tta_flip=True, distributed=True)
+print(json.dumps(dict(seen=sum(seen), top1=r["top1"], loss=r["loss"], n=r["n"], confusion=r["confusion"])))
+"""
+
+
+def _evaluate_in_processes(world: int) -> list[dict]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARED_EVALUATION], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_distributed_evaluation_shares_the_images_and_uses_rank_0s_statistics():
+    (alone,) = _evaluate_in_processes(1)
+    results = _evaluate_in_processes(2)
+    assert alone["seen"] == 51 * 2 and [r["seen"] for r in results] == [26 * 2, 25 * 2]  # a view and its mirror
+    for r in results:
+        assert r["n"] == 51 and r["confusion"] == alone["confusion"] and r["top1"] == alone["top1"]
+        assert r["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+
+
 def test_viz_writes_pngs(tmp_path, fashion_dir, capsys):
     train(tiny_config(tmp_path, fashion_dir, epochs=2))
     run = tmp_path / "run"
