@@ -80,8 +80,8 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
     num_classes = len(info.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
-    world = dist.get_world_size() if distributed and dist.is_initialized() else 1
-    share = _share(model, data) if world > 1 else data
+    distributed = distributed and dist.is_initialized()
+    share = _share(model, data) if distributed else data
     with eval_mode(model):
         for images, labels in eval_batches(share, batch_size, info_transform(info), workers, skip_bad_images):
             images = images.to(device)
@@ -99,7 +99,7 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
             confusion += torch.bincount(labels * num_classes + logits.argmax(-1),
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
             n += len(labels)
-    if world > 1:
+    if distributed:
         loss_sum, top5, n, confusion = _added_up(loss_sum, top5, n, confusion, device)
     if n == 0:
         raise DataError("the evaluation set is empty" + (" (no image was readable)" if len(data) else "") +
@@ -116,7 +116,7 @@ def _share(model: torch.nn.Module, data: ImageData) -> ImageData:
     if isinstance(model, torch.nn.Module):
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
-    return data.subset(torch.arange(dist.get_rank(), len(data), dist.get_world_size()))
+    return data.subset(torch.arange(len(data))[dist.get_rank()::dist.get_world_size()])  # empty past the end
 
 
 def _added_up(loss_sum: float, top5: int, n: int, confusion: torch.Tensor, device: torch.device):

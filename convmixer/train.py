@@ -179,12 +179,17 @@ class Run:
         if self.rank == 0:
             print(*args, flush=True)
 
+    @property
+    def distributed(self) -> bool:
+        """Whether this run's processes form the process group (torchrun; also one process with CONVMIXER_DDP=1)."""
+        return dist.is_initialized() and dist.get_world_size() == self.world
+
     def rng_states(self) -> list[dict] | None:
         """Every process's generator states, gathered on rank 0 (None elsewhere); every process calls it."""
-        if self.world == 1:
-            return [_rng_state()]
+        if not self.distributed:
+            return [_rng_state(self.device)]
         states = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(_rng_state(), states, dst=0)
+        dist.gather_object(_rng_state(self.device), states, dst=0)
         return states
 
     def checkpoint(self, rng: list[dict], record: dict | None = None) -> dict:
@@ -215,25 +220,30 @@ class Run:
         self.spent = float(ckpt.get("elapsed", 0.0))
         ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # checkpoints before 2026-12-07 hold rank 0's only
         if isinstance(ranks, list) and len(ranks) == self.world and isinstance(ranks[self.rank], dict):
-            _set_rng_state(ranks[self.rank])
-        else:  # resumed on another number of processes: each continues from a seed of its own
-            _set_rng_state(ckpt["rng"])
-            torch.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
-            random.seed(self.cfg.seed + 1000 * self.rank + self.step)
+            _set_rng_state(ranks[self.rank], self.device)
+        else:  # resumed on another number of processes: rank 0 has its own, the others a seed of their own
+            _set_rng_state(ckpt["rng"], self.device)
+            if self.rank > 0:
+                torch.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
+                random.seed(self.cfg.seed + 1000 * self.rank + self.step)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """This process's generators: the CPU's, Python's and its own GPU's."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict):
+def _set_rng_state(state: dict, device: torch.device):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as both machines have
-        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+    saved = state.get("cuda")
+    if device.type == "cuda" and isinstance(saved, torch.Tensor):
+        torch.cuda.set_rng_state(saved, device)
+    elif device.type == "cuda" and isinstance(saved, list):  # before 2026-12-07: every GPU's, by number
+        for index, gpu_state in enumerate(saved[:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(gpu_state, index)
 
 
@@ -745,7 +755,7 @@ def _validate(run: Run, record: dict) -> bool:
         r = evaluate(m, run.val_data, run.info, batch_size=max(256, run.cfg.batch_size), device=run.device,
                      amp=run.dtype, channels_last=run.cfg.channels_last, tta_flip=run.cfg.tta_flip,
                      tta_shift=run.cfg.tta_shift, skip_bad_images=run.cfg.skip_bad_images, workers=run.cfg.workers,
-                     distributed=run.world > 1)
+                     distributed=run.distributed)
         record.update({f"val_loss{suffix}": r["loss"], f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"]})
     record["eval_seconds"] = time.time() - start
     score = max(record["val_top1"], record.get("val_top1_ema", -1))

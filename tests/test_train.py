@@ -349,7 +349,11 @@ def _evaluate_in_processes(world: int) -> list[dict]:
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", _SHARED_EVALUATION], env={**env, "RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:  # one stuck in a collective is not left behind
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
