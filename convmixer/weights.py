@@ -296,20 +296,56 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+DOWNLOAD_STALL_SECONDS = 60  # a connection silent this long is given up (a stalled proxy or firewall)
+DOWNLOAD_MAX_BYTES = 2 << 30  # the largest release file is about 200 MB
+
+
 def download(url: str, filename: str | None = None) -> Path:
-    """Fetch ``url`` into the torch hub cache once (``$TORCH_HOME/hub/checkpoints``)."""
+    """Fetch ``url`` into the torch hub cache once (``$TORCH_HOME/hub/checkpoints``), written atomically."""
     directory = Path(torch.hub.get_dir()) / "checkpoints"
     target = directory / (filename or url.rsplit("/", 1)[-1])
     if target.is_file():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(target), progress=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"could not download {url} ({reason}); download it elsewhere and pass "
+        atomic_write(target, lambda tmp: _fetch(url, tmp))
+    except _Unfetched as e:
+        raise WeightsError(f"could not download {url} ({e}); download it elsewhere and pass "
                            f"pretrained='path/to/{target.name}' (or put it at {target})") from None
+    except OSError as e:
+        raise WeightsError(f"could not write {target} ({e.strerror or e}): free space or set TORCH_HOME") from None
     return target
+
+
+class _Unfetched(Exception):
+    """Why a download failed (the network's or the server's doing, not the disk's)."""
+
+
+def _fetch(url: str, tmp: Path) -> None:
+    """``url``'s bytes into ``tmp``, with a progress bar in a terminal; given up after DOWNLOAD_STALL_SECONDS
+    without a byte, past DOWNLOAD_MAX_BYTES, or short of the announced length."""
+    import http.client
+    import urllib.request
+    from tqdm import tqdm
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_STALL_SECONDS) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            if (size or 0) > DOWNLOAD_MAX_BYTES:
+                raise ValueError(f"it announces {size} bytes, more than any release file")
+            done = 0
+            with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    done += len(chunk)
+                    if done > DOWNLOAD_MAX_BYTES:
+                        raise ValueError(f"it sent more than {DOWNLOAD_MAX_BYTES} bytes, more than any release file")
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if size is not None and done != size:
+                raise ValueError(f"the connection closed after {done} of {size} bytes")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        if isinstance(e, OSError) and e.filename is not None and os.fspath(e.filename) == os.fspath(tmp):
+            raise  # writing, not fetching, failed: the disk's
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise _Unfetched(str(reason).splitlines()[0]) from None
 
 
 def load_pretrained(model: torch.nn.Module, source, variant=None, adapt=()) -> None:

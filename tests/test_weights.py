@@ -117,7 +117,7 @@ def test_truncated_and_garbage_files(tmp_path):
 
 
 def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
-    """The real download path (torch.hub into TORCH_HOME), served from a local HTTP server."""
+    """The real download path (into TORCH_HOME's hub cache), served from a local HTTP server."""
     served = tmp_path / "served"
     served.mkdir()
     reference = create_model("convmixer_256_8")
@@ -148,6 +148,48 @@ def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
         assert torch.equal(create_model("convmixer_256_8", pretrained=True).head.weight, reference.head.weight)
     finally:
         server.shutdown()
+
+
+class _BadServer(http.server.BaseHTTPRequestHandler):
+    """/stall: headers, then silence; /short: 100 of 5000 announced bytes; /huge: 10 GB announced;
+    /endless: no length, then more bytes than any release file."""
+    def do_GET(self):
+        if self.path == "/stall":
+            self.send_response(200)
+            self.send_header("Content-Length", "5000")
+            self.end_headers()
+            self.wfile.flush()
+            threading.Event().wait(10)
+            return
+        self.send_response(200)
+        length = {"/short": "5000", "/huge": str(10 ** 10)}.get(self.path)
+        if length:
+            self.send_header("Content-Length", length)
+        self.end_headers()
+        self.wfile.write(b"x" * (100 if self.path != "/endless" else 3000))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("path, reason", [("stall", "timed out"), ("short", "closed after 100 of 5000 bytes"),
+                                          ("huge", "announces 10000000000 bytes"), ("endless", "sent more than 2000")])
+def test_a_download_that_stalls_stops_short_or_runs_on_is_one_line(path, reason, monkeypatch):
+    """A stalled connection hung for ever (no timeout); a server's length was never checked or bounded."""
+    from convmixer import weights
+    monkeypatch.setattr(weights, "DOWNLOAD_STALL_SECONDS", 1)
+    monkeypatch.setattr(weights, "DOWNLOAD_MAX_BYTES", 2000)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadServer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(WeightsError) as info:
+            weights.download(f"http://127.0.0.1:{server.server_port}/{path}", f"{path}.pth.tar")
+    finally:
+        server.shutdown()
+    message = str(info.value)
+    assert message.startswith("could not download") and reason in message and "\n" not in message
+    assert not list((Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints").glob(f"*{path}*"))  # nothing kept
 
 
 def test_pretrained_offline_is_one_clear_line(monkeypatch):
