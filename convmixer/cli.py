@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 EXAMPLES = """examples:
   convmixer models                                   list the named variants
@@ -156,26 +157,16 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    import torch
-
     from .config import RANGES, check_range
-    from .evaluate import evaluate, load_eval_data
-    from .run import load_model
-    from .runtime import amp_dtype, pick_device
     check_range("--batch-size", args.batch_size, 1, 4096)
     check_range("--workers", args.workers, *RANGES["workers"][:2])
     if args.confusion_png:  # a name matplotlib cannot write is found now, not after the evaluation
         from .viz import check_figure_path
         check_figure_path(args.confusion_png, args.overwrite, "--confusion-png")
-    model, info = load_model(args.checkpoint)
-    data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
-                                          args.skip_bad_images)
-    device = pick_device(args.device)
-    model.to(device).to(memory_format=torch.channels_last)
-    amp = None if args.fp32 else amp_dtype("auto", device)
-    result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
-                      tta_shift=args.tta_shift, workers=args.workers, skip_bad_images=args.skip_bad_images)
-    result.update(dataset=dataset, split=split, checkpoint=args.checkpoint)
+    with _eval_processes(args.device) as (rank, device):
+        result, info = _evaluate_checkpoint(args, rank, device)
+    if rank:  # under torchrun, rank 0 reports
+        return 0
     if result["skipped"]:
         print(f"left out {result['skipped']} unreadable image(s)", file=sys.stderr)
     if args.confusion_png:
@@ -184,7 +175,7 @@ def cmd_eval(args):
     if args.json:
         print(json.dumps(result if args.full else {k: result[k] for k in ("top1", "top5", "n", "loss", "skipped")}))
         return 0
-    print(f"{dataset} {split}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+    print(f"{result['dataset']} {result['split']}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
           f"loss {result['loss']:.4f}  ({result['n']} images)")
     width = max(len(c) for c in info.classes)
     print("per-class accuracy:")
@@ -195,6 +186,45 @@ def cmd_eval(args):
         for name, row in zip(info.classes, result["confusion"]):
             print(f"  {name:<{width}} " + " ".join(f"{v:>5d}" for v in row))
     return 0
+
+
+@contextmanager
+def _eval_processes(device_name):
+    """(rank, device): under torchrun every process evaluates a share of the images on its own GPU (or the
+    CPU), rank None otherwise."""
+    from .runtime import pick_device, setup_distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield None, pick_device(device_name)
+        return
+    if device_name:
+        from .errors import ConfigError
+        raise ConfigError("under torchrun each process takes its own GPU (or the CPU without one): drop --device")
+    import torch.distributed as dist
+    rank, _, device = setup_distributed()
+    try:
+        yield rank, device
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluate_checkpoint(args, rank: int | None, device):
+    import torch
+
+    from .evaluate import evaluate, load_eval_data
+    from .run import load_model
+    from .runtime import amp_dtype, rank_zero_first
+    model, info = load_model(args.checkpoint)
+    world = torch.distributed.get_world_size() if rank is not None else 1
+    with rank_zero_first(rank or 0, world):  # rank 0 decodes and caches the images, the others read its cache
+        data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
+                                              args.skip_bad_images)
+    model.to(device).to(memory_format=torch.channels_last)
+    amp = None if args.fp32 else amp_dtype("auto", device)
+    result = evaluate(model, data, info, batch_size=args.batch_size, device=device, amp=amp, tta_flip=args.tta_flip,
+                      tta_shift=args.tta_shift, workers=args.workers, skip_bad_images=args.skip_bad_images,
+                      distributed=rank is not None)
+    result.update(dataset=dataset, split=split, checkpoint=args.checkpoint)
+    return result, info
 
 
 def cmd_embed(args):

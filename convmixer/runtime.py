@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,6 +66,17 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+@contextmanager
+def rank_zero_first(rank: int, world: int):
+    """The block runs on rank 0 first (it downloads, unpacks and caches), then on the other processes, which
+    find its files. A failure on rank 0 leaves the others waiting until torchrun stops them all."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
 
 
 def physical_memory() -> int:

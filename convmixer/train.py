@@ -39,7 +39,7 @@ from .model import (ConvMixer, PointwiseConv2d, correlated_depthwise, identity_d
 from .muon import Muon, Optimizers
 from .run import (RunFolder, RunInfo, append_metrics, check_shapes, is_training_checkpoint, load_checkpoint,
                   read_metrics, save_checkpoint, save_run_weights, truncate_metrics, write_config, write_summary)
-from .runtime import amp_dtype, resident_mib, setup_distributed
+from .runtime import amp_dtype, rank_zero_first, resident_mib, setup_distributed
 from .weights import WeightsError, adapt_stem, checkpoint_filter_fn, load_into, read_metadata, read_state_dict
 
 
@@ -348,17 +348,14 @@ def build_run(cfg: TrainConfig, ckpt: dict | None, out: Path, overwrite: bool) -
 
 def _build(cfg, ckpt, out, rank, world, device, folder) -> Run:
     _seed(cfg, device)
-    if world > 1 and rank != 0:
-        dist.barrier()  # rank 0 downloads, unpacks and caches first; the others then read its cache
-    if ckpt is not None:  # a resumed run: the architecture and preprocessing it started with
-        source, like, arch = None, RunInfo.from_dict(ckpt, cfg.out), _architecture(ckpt["model_args"])
-    else:
-        source = _pretrained(cfg) if cfg.pretrained else None
-        like = source.info if source else None
-        arch = _architecture(like.model_args) if like else {}
-    train_data, val_data, found = prepare_data(cfg, like)
-    if world > 1 and rank == 0:
-        dist.barrier()
+    with rank_zero_first(rank, world):
+        if ckpt is not None:  # a resumed run: the architecture and preprocessing it started with
+            source, like, arch = None, RunInfo.from_dict(ckpt, cfg.out), _architecture(ckpt["model_args"])
+        else:
+            source = _pretrained(cfg) if cfg.pretrained else None
+            like = source.info if source else None
+            arch = _architecture(like.model_args) if like else {}
+        train_data, val_data, found = prepare_data(cfg, like)
     model, info = _make_model(cfg, found, arch, source, train_data, fresh=ckpt is None, rank=rank)
     if world > 1:  # distinct augmentation draws per process (the weights are broadcast by DDP anyway)
         torch.manual_seed(cfg.seed + 1000 * rank)

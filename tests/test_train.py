@@ -286,7 +286,8 @@ def _torchrun(args, nproc=2):
 def test_ddp_resume_draws_what_each_process_would_have_drawn(tmp_path, fashion_dir):
     """A 2-process run resumed from its epoch-1 checkpoint ends with the uninterrupted run's weights: rank 1's
     augmentation (flips, translations) continues from its own saved generator, not from a new seed. Its
-    validation figures are those of rank 0's weights, each process having evaluated half of the images."""
+    validation figures are those of rank 0's weights, each process having evaluated half of the images, and
+    `convmixer eval` under torchrun gives them too."""
     common = ["train", "--dataset", "fashion_mnist", "--data-dir", str(fashion_dir), "--val-split", "150",
               "--epochs", "2", "--batch-size", "64", "--dim", "16", "--depth", "2", "--kernel-size", "3",
               "--patch-size", "2", "--randaugment-n", "0", "--hflip", "0.5", "--translate", "2", "--amp", "off",
@@ -301,19 +302,18 @@ def test_ddp_resume_draws_what_each_process_would_have_drawn(tmp_path, fashion_d
     assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
-    from convmixer.evaluate import evaluate
-    from convmixer.run import RunInfo
-    from convmixer.train import prepare_data
-    info, cfg = RunInfo.from_dict(a, str(tmp_path / "whole")), TrainConfig(**a["config"])
-    _, val, _ = prepare_data(cfg)
-    from convmixer.model import ConvMixer
-    model = ConvMixer(**info.model_args)
-    model.load_state_dict(a["model"])
-    alone = evaluate(model, val, info, batch_size=256, channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
-                     tta_shift=cfg.tta_shift)
+    # `convmixer eval` of the saved weights, alone and under torchrun (each process half the images), gives the
+    # figures the run logged
+    command = ["eval", "--checkpoint", str(tmp_path / "whole" / "last.pt"), "--fp32", "--json", "--full"]
+    alone = json.loads(_run_cli(command).stdout)
+    shared = _torchrun(command)
+    assert shared.stdout.count("{") == 1  # rank 0 reports
+    shared = json.loads(shared.stdout)
     logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert abs(logged["val_top1"] - alone["top1"]) <= 1 / 150  # other batches: one rounding-close call may flip
-    assert logged["val_loss"] == pytest.approx(alone["loss"], rel=1e-4)
+    assert shared["n"] == alone["n"] == 150 and shared["split"] == "val"
+    for r in (shared, alone):  # other batches: one rounding-close call may flip
+        assert abs(r["top1"] - logged["val_top1"]) <= 1 / 150
+        assert r["loss"] == pytest.approx(logged["val_loss"], rel=1e-4)
 
 
 _SHARED_EVALUATION = """
