@@ -193,7 +193,7 @@ def _eval_processes(device_name):
     """(rank, device): under torchrun every process evaluates a share of the images on its own GPU (or the
     CPU), rank None otherwise."""
     from .runtime import pick_device, setup_distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # setup_distributed's rule
         yield None, pick_device(device_name)
         return
     if device_name:
@@ -213,9 +213,9 @@ def _evaluate_checkpoint(args, rank: int | None, device):
     from .evaluate import evaluate, load_eval_data
     from .run import load_model
     from .runtime import amp_dtype, rank_zero_first
-    model, info = load_model(args.checkpoint)
     world = torch.distributed.get_world_size() if rank is not None else 1
-    with rank_zero_first(rank or 0, world):  # rank 0 decodes and caches the images, the others read its cache
+    with rank_zero_first(rank or 0, world):  # rank 0 downloads and caches, the others read its files
+        model, info = load_model(args.checkpoint)
         data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,
                                               args.skip_bad_images)
     model.to(device).to(memory_format=torch.channels_last)

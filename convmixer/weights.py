@@ -55,7 +55,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) and (e.filename is None or os.fspath(e.filename) == os.fspath(tmp)):
-            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
+            try:
+                named = type(e)(e.errno, e.strerror or str(e), str(path))
+            except TypeError:  # an OSError subclass with a constructor of its own (urllib's URLError)
+                named = OSError(e.errno, e.strerror or str(e), str(path))
+            raise named from e
         raise
     _sync_folder(path.parent)
 
@@ -328,7 +332,8 @@ def _fetch(url: str, tmp: Path) -> None:
     from tqdm import tqdm
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_STALL_SECONDS) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
+            size = response.headers.get("Content-Length")
+            size = int(size) if size is not None else None
             if (size or 0) > DOWNLOAD_MAX_BYTES:
                 raise ValueError(f"it announces {size} bytes, more than any release file")
             done = 0
@@ -337,15 +342,25 @@ def _fetch(url: str, tmp: Path) -> None:
                     done += len(chunk)
                     if done > DOWNLOAD_MAX_BYTES:
                         raise ValueError(f"it sent more than {DOWNLOAD_MAX_BYTES} bytes, more than any release file")
-                    f.write(chunk)
+                    _write(f, chunk, tmp)
                     bar.update(len(chunk))
             if size is not None and done != size:
                 raise ValueError(f"the connection closed after {done} of {size} bytes")
+            if done == 0:
+                raise ValueError("the server sent an empty file")
     except (OSError, ValueError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.filename is not None and os.fspath(e.filename) == os.fspath(tmp):
             raise  # writing, not fetching, failed: the disk's
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise _Unfetched(str(reason).splitlines()[0]) from None
+
+
+def _write(f, chunk: bytes, tmp: Path) -> None:
+    """A chunk written; a failure (a full disk) names the file, so that it is reported as the disk's."""
+    try:
+        f.write(chunk)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(tmp)) from e
 
 
 def load_pretrained(model: torch.nn.Module, source, variant=None, adapt=()) -> None:
