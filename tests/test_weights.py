@@ -152,7 +152,7 @@ def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
 
 class _BadServer(http.server.BaseHTTPRequestHandler):
     """/stall: headers, then silence; /short: 100 of 5000 announced bytes; /huge: 10 GB announced;
-    /endless: no length, then more bytes than any release file."""
+    /endless: no length, then more bytes than any release file; /empty: length 0."""
     def do_GET(self):
         if self.path == "/stall":
             self.send_response(200)
@@ -162,18 +162,19 @@ class _BadServer(http.server.BaseHTTPRequestHandler):
             threading.Event().wait(10)
             return
         self.send_response(200)
-        length = {"/short": "5000", "/huge": str(10 ** 10)}.get(self.path)
+        length = {"/short": "5000", "/huge": str(10 ** 10), "/empty": "0"}.get(self.path)
         if length:
             self.send_header("Content-Length", length)
         self.end_headers()
-        self.wfile.write(b"x" * (100 if self.path != "/endless" else 3000))
+        self.wfile.write(b"x" * {"/endless": 3000, "/empty": 0}.get(self.path, 100))
 
     def log_message(self, *args):
         pass
 
 
 @pytest.mark.parametrize("path, reason", [("stall", "timed out"), ("short", "closed after 100 of 5000 bytes"),
-                                          ("huge", "announces 10000000000 bytes"), ("endless", "sent more than 2000")])
+                                          ("huge", "announces 10000000000 bytes"), ("endless", "sent more than 2000"),
+                                          ("empty", "sent an empty file")])
 def test_a_download_that_stalls_stops_short_or_runs_on_is_one_line(path, reason, monkeypatch):
     """A stalled connection hung for ever (no timeout); a server's length was never checked or bounded."""
     from convmixer import weights
