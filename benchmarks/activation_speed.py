@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from convmixer.bench import _cpu_name
 from convmixer.config import make_config
 from convmixer.model import ConvMixer, model_kwargs
 from convmixer.runtime import amp_dtype, tune_cpu
@@ -53,7 +54,7 @@ def main() -> None:
     dtype = amp_dtype(cfg.amp, torch.device("cpu"))
     torch.manual_seed(0)
     models = {a: candidate(cfg, a) for a in ("gelu", "relu")}
-    report = {"machine": platform.processor() or platform.machine(), "cpu_count": torch.get_num_threads(),
+    report = {"machine": f"{_cpu_name()} ({platform.machine()})", "threads": torch.get_num_threads(),
               "torch": torch.__version__, "amp": str(dtype), "config": args.config, "batch_size": cfg.batch_size,
               "command": " ".join(["python"] + sys.argv), "sizes": {}}
     for size in args.sizes:

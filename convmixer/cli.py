@@ -203,6 +203,7 @@ def _eval_processes(device_name):
     rank, _, device = setup_distributed()
     try:
         yield rank, device
+        dist.barrier()  # every process done before any tears the group down (gloo aborted otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -279,7 +279,7 @@ def _torchrun(args, nproc=2):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                           f"--master_port={_free_port()}", "-m", "convmixer", *args], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (args, out.stdout[-2000:], out.stderr[-3000:])
     return out
 
 
@@ -342,6 +342,7 @@ info = RunInfo(model_args=dict(dim=16, depth=2, kernel_size=3, patch_size=2, num
                classes=["a", "b", "c"], img_size=8, mean=[0.5], std=[0.25], crop_pct=1.0)
 r = evaluate(model, data, info, batch_size=8, tta_flip=True, distributed=True)
 print(json.dumps(dict(seen=sum(seen), top1=r["top1"], loss=r["loss"], n=r["n"], confusion=r["confusion"])))
+dist.destroy_process_group()
 """
 
 
