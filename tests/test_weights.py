@@ -151,18 +151,18 @@ def test_pretrained_download_from_a_server(tmp_path, monkeypatch):
 
 
 class _BadServer(http.server.BaseHTTPRequestHandler):
-    """/stall: headers, then silence; /short: 100 of 5000 announced bytes; /huge: 10 GB announced;
+    """/stall: headers, then silence; /short: 100 of 1000 announced bytes; /huge: 10 GB announced;
     /endless: no length, then more bytes than any release file; /empty: length 0."""
     def do_GET(self):
         if self.path == "/stall":
             self.send_response(200)
-            self.send_header("Content-Length", "5000")
+            self.send_header("Content-Length", "1000")
             self.end_headers()
             self.wfile.flush()
             threading.Event().wait(10)
             return
         self.send_response(200)
-        length = {"/short": "5000", "/huge": str(10 ** 10), "/empty": "0"}.get(self.path)
+        length = {"/short": "1000", "/huge": str(10 ** 10), "/empty": "0"}.get(self.path)
         if length:
             self.send_header("Content-Length", length)
         self.end_headers()
@@ -172,7 +172,7 @@ class _BadServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("path, reason", [("stall", "timed out"), ("short", "closed after 100 of 5000 bytes"),
+@pytest.mark.parametrize("path, reason", [("stall", "timed out"), ("short", "closed after 100 of 1000 bytes"),
                                           ("huge", "announces 10000000000 bytes"), ("endless", "sent more than 2000"),
                                           ("empty", "sent an empty file")])
 def test_a_download_that_stalls_stops_short_or_runs_on_is_one_line(path, reason, monkeypatch):
