@@ -1,5 +1,5 @@
 """Training steps per second of a config's model with GELU and with ReLU, side by side in one process on
-this machine, at the sizes its progressive resizing passes through: the speed half of the ReLU/GELU question
+this machine, at sizes its progressive resizing passes through (16 -> 32 px for cifar10_fast90): the speed half of the ReLU/GELU question
 of issue 16, separate from the machine (full runs on two machines differed by up to 1.9x).
 
     python benchmarks/activation_speed.py [--config cifar10_fast90] [--sizes 16 24 32] [--steps 10] [--rounds 2]
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from convmixer.bench import _cpu_name
+from convmixer.bench import cpu_name
 from convmixer.config import make_config
 from convmixer.model import ConvMixer, model_kwargs
 from convmixer.runtime import amp_dtype, tune_cpu
@@ -54,7 +54,7 @@ def main() -> None:
     dtype = amp_dtype(cfg.amp, torch.device("cpu"))
     torch.manual_seed(0)
     models = {a: candidate(cfg, a) for a in ("gelu", "relu")}
-    report = {"machine": f"{_cpu_name()} ({platform.machine()})", "threads": torch.get_num_threads(),
+    report = {"machine": f"{cpu_name()} ({platform.machine()})", "threads": torch.get_num_threads(),
               "torch": torch.__version__, "amp": str(dtype), "config": args.config, "batch_size": cfg.batch_size,
               "command": " ".join(["python"] + sys.argv), "sizes": {}}
     for size in args.sizes:

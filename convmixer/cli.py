@@ -192,8 +192,8 @@ def cmd_eval(args):
 def _eval_processes(device_name):
     """(rank, device): under torchrun every process evaluates a share of the images on its own GPU (or the
     CPU), rank None otherwise."""
-    from .runtime import pick_device, setup_distributed
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # setup_distributed's rule
+    from .runtime import pick_device, setup_distributed, under_torchrun
+    if not under_torchrun():
         yield None, pick_device(device_name)
         return
     if device_name:

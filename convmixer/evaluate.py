@@ -81,7 +81,9 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
     distributed = distributed and dist.is_initialized()
-    share = _share(model, data) if distributed else data
+    if distributed:
+        _use_rank_0_buffers(model)
+    share = _share(data) if distributed else data
     with eval_mode(model):
         for images, labels in eval_batches(share, batch_size, info_transform(info), workers, skip_bad_images):
             images = images.to(device)
@@ -110,12 +112,16 @@ def evaluate(model: torch.nn.Module, data: ImageData, info: RunInfo, batch_size:
             "per_class": dict(zip(info.classes, per_class)), "confusion": confusion.tolist()}
 
 
-def _share(model: torch.nn.Module, data: ImageData) -> ImageData:
-    """This process's share of a distributed evaluation: every world-th image from its rank. The model's
-    buffers are made rank 0's first: each process's BatchNorm statistics drifted from the others' in training."""
-    if isinstance(model, torch.nn.Module):
+def _use_rank_0_buffers(model: torch.nn.Module) -> None:
+    """Each process's BatchNorm statistics drifted from the others' in training: rank 0's (the weights it saves)
+    are made every process's."""
+    if isinstance(model, torch.nn.Module):  # not an ONNX file's session
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def _share(data: ImageData) -> ImageData:
+    """This process's share of a distributed evaluation: every world-th image from its rank."""
     return data.subset(torch.arange(len(data))[dist.get_rank()::dist.get_world_size()])  # empty past the end
 
 

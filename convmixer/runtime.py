@@ -50,12 +50,18 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (or the one that CONVMIXER_DDP=1 asks to form
+    a process group of its own)."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("CONVMIXER_DDP") == "1"
+    return "RANK" in os.environ and several
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this
     is one process on the GPU if there is one. One process under torchrun skips the process group
     unless CONVMIXER_DDP=1 (which the GPU check sets to test NCCL with one GPU)."""
-    single = int(os.environ.get("WORLD_SIZE", "1")) == 1 and os.environ.get("CONVMIXER_DDP") != "1"
-    if "RANK" not in os.environ or single:
+    if not under_torchrun():
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

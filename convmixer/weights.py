@@ -57,7 +57,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if isinstance(e, OSError) and (e.filename is None or os.fspath(e.filename) == os.fspath(tmp)):
             try:
                 named = type(e)(e.errno, e.strerror or str(e), str(path))
-            except TypeError:  # an OSError subclass with a constructor of its own (urllib's URLError)
+            except TypeError:  # an OSError subclass with a constructor of its own
                 named = OSError(e.errno, e.strerror or str(e), str(path))
             raise named from e
         raise
@@ -316,7 +316,9 @@ def download(url: str, filename: str | None = None) -> Path:
         raise WeightsError(f"could not download {url} ({e}); download it elsewhere and pass "
                            f"pretrained='path/to/{target.name}' (or put it at {target})") from None
     except OSError as e:
-        raise WeightsError(f"could not write {target} ({e.strerror or e}): free space or set TORCH_HOME") from None
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        fix = "free space" if full else "set TORCH_HOME to a folder you can write"
+        raise WeightsError(f"could not write {target} ({e.strerror or e}): {fix}") from None
     return target
 
 
@@ -351,7 +353,9 @@ def _fetch(url: str, tmp: Path) -> None:
     except (OSError, ValueError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.filename is not None and os.fspath(e.filename) == os.fspath(tmp):
             raise  # writing, not fetching, failed: the disk's
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
+        import urllib.error
+        reason = str(e) if isinstance(e, urllib.error.HTTPError) else (  # "HTTP Error 404: Not Found"
+            getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__)
         raise _Unfetched(str(reason).splitlines()[0]) from None
 
 
