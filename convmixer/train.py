@@ -782,7 +782,12 @@ def finish(run: Run, time_up: bool) -> dict:
     return summary
 
 
-def _interrupted(run: Run, stop: SignalFlag) -> dict:
+def _interrupted(run: Run, stop: SignalFlag, save: bool = False) -> dict:
+    """Stopped by a signal; ``save``: mid-epoch, so last.pt is written here (at an epoch's end it was already)."""
+    if save:
+        rng = run.rng_states()  # every process takes part
+        if run.rank == 0:
+            save_checkpoint(run.out / "last.pt", run.checkpoint(rng))
     where = f"at epoch {run.epoch + 1}, step {run.step}" if run.batch else f"after epoch {run.epoch}"
     run.log(f"\n{stop.name}: stopped {where}; checkpoint written to {run.out / 'last.pt'}; continue with "
             f"convmixer train --resume {run.out / 'last.pt'}")
@@ -851,10 +856,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, over
                 ended = train_epoch(run, stop)
                 time_up = ended == "time"
                 if ended == "signal" and run.batch < run.steps_per_epoch:
-                    rng = run.rng_states()
-                    if run.rank == 0:
-                        save_checkpoint(run.out / "last.pt", run.checkpoint(rng))
-                    return _interrupted(run, stop)
+                    return _interrupted(run, stop, save=True)
                 last = run.epoch + 1 == cfg.epochs or time_up
                 end_of_epoch(run, last)
                 if time_up:
