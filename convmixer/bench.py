@@ -215,7 +215,7 @@ def _benchmark(model_name, img_size, batch_size, infer_batch_size, steps, warmup
     return dict(model=model_name, img_size=img_size, batch_size=batch_size, infer_batch_size=infer_batch_size,
                 steps=steps, warmup=warmup, device=str(device), gpu=gpu, threads=torch.get_num_threads(),
                 gflop_per_image=flop / 1e9, matmul_peak_gflops=peaks, torch=torch.__version__,
-                cpu=cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+                cpu=_cpu_name(), python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
                 # per candidate: peak_memory_mb (resident on a CPU, allocated on a GPU) and step_memory_mb
                 process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=rows)
 
@@ -309,7 +309,7 @@ def _rows(cands, peak_memory, peaks, flop, batch_size, infer_batch_size) -> list
     return rows
 
 
-def cpu_name() -> str:
+def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
