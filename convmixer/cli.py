@@ -163,8 +163,8 @@ def cmd_eval(args):
     if args.confusion_png:  # a name matplotlib cannot write is found now, not after the evaluation
         from .viz import check_figure_path
         check_figure_path(args.confusion_png, args.overwrite, "--confusion-png")
-    with _eval_processes(args.device) as (rank, device):
-        result, info = _evaluate_checkpoint(args, rank, device)
+    with _eval_processes(args.device) as (rank, world, device):
+        result, info = _evaluate_checkpoint(args, rank, world, device)
     if rank:  # under torchrun, rank 0 reports
         return 0
     if result["skipped"]:
@@ -190,31 +190,30 @@ def cmd_eval(args):
 
 @contextmanager
 def _eval_processes(device_name):
-    """(rank, device): under torchrun every process evaluates a share of the images on its own GPU (or the
-    CPU), rank None otherwise."""
+    """(rank, world size, device): under torchrun every process evaluates a share of the images on its own GPU
+    (or the CPU); rank None otherwise."""
     from .runtime import pick_device, setup_distributed, under_torchrun
     if not under_torchrun():
-        yield None, pick_device(device_name)
+        yield None, 1, pick_device(device_name)
         return
     if device_name:
         from .errors import ConfigError
         raise ConfigError("under torchrun each process takes its own GPU (or the CPU without one): drop --device")
     import torch.distributed as dist
-    rank, _, device = setup_distributed()
+    rank, world, device = setup_distributed()
     try:
-        yield rank, device
+        yield rank, world, device
         dist.barrier()  # every process done before any tears the group down (gloo aborted otherwise)
     finally:
         dist.destroy_process_group()
 
 
-def _evaluate_checkpoint(args, rank: int | None, device):
+def _evaluate_checkpoint(args, rank: int | None, world: int, device):
     import torch
 
     from .evaluate import evaluate, load_eval_data
     from .run import load_model
     from .runtime import amp_dtype, rank_zero_first
-    world = torch.distributed.get_world_size() if rank is not None else 1
     with rank_zero_first(rank or 0, world):  # rank 0 downloads and caches, the others read its files
         model, info = load_model(args.checkpoint)
         data, dataset, split = load_eval_data(info, args.dataset, args.data_dir, args.split, args.val_split,

@@ -708,9 +708,10 @@ def end_of_epoch(run: Run, last: bool) -> dict:
     rng = run.rng_states()
     if run.rank == 0:
         record["elapsed_seconds"] = run.elapsed()
-        save_checkpoint(run.out / "last.pt", run.checkpoint(rng, record))
+        state = run.checkpoint(rng, record)
+        save_checkpoint(run.out / "last.pt", state)
         if cfg.save_every and run.epoch % cfg.save_every == 0:
-            save_checkpoint(run.out / f"epoch_{run.epoch:04d}.pt", run.checkpoint(rng, record))
+            save_checkpoint(run.out / f"epoch_{run.epoch:04d}.pt", state)
         if improved:
             save_run_weights(_scored(run, record), run.out / "best.safetensors", run.info, record)
         _print_epoch(record, header=not run.printed)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -327,44 +328,50 @@ class _Unfetched(Exception):
 
 
 def _fetch(url: str, tmp: Path) -> None:
-    """``url``'s bytes into ``tmp``, with a progress bar in a terminal; given up after DOWNLOAD_STALL_SECONDS
-    without a byte, past DOWNLOAD_MAX_BYTES, or short of the announced length."""
-    import http.client
+    """``url``'s bytes into ``tmp``, with a progress bar in a terminal. What the network or the server does wrong
+    is an _Unfetched; what the disk does, the OSError it is."""
     import urllib.request
     from tqdm import tqdm
+    with _network():
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_STALL_SECONDS)
+        size = response.headers.get("Content-Length")
+        size = int(size) if size is not None else None
+        if (size or 0) > DOWNLOAD_MAX_BYTES:
+            raise ValueError(f"it announces {size} bytes, more than any release file")
+    with response, open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
+                                               disable=None) as bar:
+        for chunk in _body(response, size):
+            f.write(chunk)
+            bar.update(len(chunk))
+
+
+def _body(response, size: int | None):
+    """The response's bytes in chunks; given up after DOWNLOAD_STALL_SECONDS without a byte, past
+    DOWNLOAD_MAX_BYTES, short of the announced ``size``, or empty."""
+    with _network():
+        done = 0
+        while chunk := response.read(1 << 20):
+            done += len(chunk)
+            if done > DOWNLOAD_MAX_BYTES:
+                raise ValueError(f"it sent more than {DOWNLOAD_MAX_BYTES} bytes, more than any release file")
+            yield chunk
+        if size is not None and done != size:
+            raise ValueError(f"the connection closed after {done} of {size} bytes")
+        if done == 0:
+            raise ValueError("the server sent an empty file")
+
+
+@contextmanager
+def _network():
+    """Network and server failures in the block as an _Unfetched with the reason in a few words."""
+    import http.client
+    import urllib.error
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_STALL_SECONDS) as response:
-            size = response.headers.get("Content-Length")
-            size = int(size) if size is not None else None
-            if (size or 0) > DOWNLOAD_MAX_BYTES:
-                raise ValueError(f"it announces {size} bytes, more than any release file")
-            done = 0
-            with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
-                while chunk := response.read(1 << 20):
-                    done += len(chunk)
-                    if done > DOWNLOAD_MAX_BYTES:
-                        raise ValueError(f"it sent more than {DOWNLOAD_MAX_BYTES} bytes, more than any release file")
-                    _write(f, chunk, tmp)
-                    bar.update(len(chunk))
-            if size is not None and done != size:
-                raise ValueError(f"the connection closed after {done} of {size} bytes")
-            if done == 0:
-                raise ValueError("the server sent an empty file")
+        yield
     except (OSError, ValueError, http.client.HTTPException) as e:
-        if isinstance(e, OSError) and e.filename is not None and os.fspath(e.filename) == os.fspath(tmp):
-            raise  # writing, not fetching, failed: the disk's
-        import urllib.error
         reason = str(e) if isinstance(e, urllib.error.HTTPError) else (  # "HTTP Error 404: Not Found"
             getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__)
         raise _Unfetched(str(reason).splitlines()[0]) from None
-
-
-def _write(f, chunk: bytes, tmp: Path) -> None:
-    """A chunk written; a failure (a full disk) names the file, so that it is reported as the disk's."""
-    try:
-        f.write(chunk)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(tmp)) from e
 
 
 def load_pretrained(model: torch.nn.Module, source, variant=None, adapt=()) -> None:
