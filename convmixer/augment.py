@@ -11,7 +11,8 @@ the recipe's augmentation to a micro-batch at a time instead of image by image i
   the CPU: on a GPU, a round is one gather, the operations on contiguous sub-batches, one gather back.
 - horizontal flips are one masked flip, translations one gather (reflecting at the border, as
   ``v2.RandomCrop(padding=N, padding_mode="reflect")``); random-resized crops, colour jitter and random erasing, off in
-  most recipes, run torchvision's per-image transforms on the images that need them.
+  most recipes, run torchvision's per-image transforms on the images that need them;
+- from augment_until on (a fraction of training), only the flips and the resize to img_size apply.
 
 Streamed folders keep the per-image pipeline (data.train_transform) in DataLoader workers.
 """
@@ -35,15 +36,20 @@ class BatchAugment:
         self.randaugment = v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m)
         self.ops = list(self.randaugment._AUGMENTATION_SPACE.items())
         self.crop = v2.RandomResizedCrop(img_size, scale=(cfg.scale_min, 1.0), antialias=True)
+        self.resize = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
         self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
         self.erasing = v2.RandomErasing(1.0, value="random") if cfg.random_erasing else None
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None, epoch: int = 0,
                  progress: float = 1.0) -> torch.Tensor:
         """``index``: the images' positions in the data set (CPU), which hflip_alternate needs with ``epoch``;
-        ``progress``: the fraction of training done, which randaugment_from compares with."""
+        ``progress``: the fraction of training done, which randaugment_from and augment_until compare with."""
         cfg = self.cfg
-        if cfg.scale_min < 1 or images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
+        plain = plain_images(cfg, progress)
+        resize = images.shape[-2:] != (self.img_size, self.img_size)
+        if plain and resize:
+            images = self.resize(images)  # the whole image, as evaluation sees it
+        elif not plain and (cfg.scale_min < 1 or resize):
             images = torch.stack([self.crop(img) for img in images])
         if cfg.hflip > 0:
             if self.flip_parity is not None and index is not None:
@@ -51,18 +57,23 @@ class BatchAugment:
             else:
                 flip = (torch.rand(len(images)) < cfg.hflip).to(images.device)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        if plain:
+            return self.normalise(images)
         if cfg.translate:
             images = translate(images, torch.randint(-cfg.translate, cfg.translate + 1, (len(images), 2)))
         for _ in range(cfg.randaugment_n if progress >= cfg.randaugment_from else 0):
             images = self.randaugment_round(images)
         if self.jitter is not None:
             images = torch.stack([self.jitter(img) for img in images])
-        x = (images.float().div_(255) - self.mean.to(images.device)) / self.std.to(images.device)
+        x = self.normalise(images)
         if self.erasing is not None:
             chosen = (torch.rand(len(x)) < cfg.random_erasing).nonzero().flatten().tolist()
             for i in chosen:
                 x[i] = self.erasing(x[i])
         return x
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float().div_(255) - self.mean.to(images.device)) / self.std.to(images.device)
 
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One RandAugment round's draws for n images: an operation index and a sign per image."""
@@ -101,6 +112,11 @@ class BatchAugment:
                 signed.append(bool(is_signed and magnitudes[-1]))
             self._magnitude_tables[(height, width)] = magnitudes, torch.tensor(signed)
         return self._magnitude_tables[(height, width)]
+
+
+def plain_images(cfg, progress: float) -> bool:
+    """Whether training at ``progress`` is past augment_until: flips only (1 = never, the last step included)."""
+    return cfg.augment_until < 1 and progress >= cfg.augment_until
 
 
 def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:

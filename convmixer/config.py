@@ -26,7 +26,7 @@ RANGES = {
     "warmup_epochs": (0, 100_000, False, False), "clip_grad": (0, 1e6, False, False),
     "label_smoothing": (0, 1, False, True), "scale_min": (0, 1, True, False), "hflip": (0, 1, False, False),
     "randaugment_n": (0, 14, False, False), "randaugment_m": (0, 30, False, False),
-    "randaugment_from": (0, 1, False, True),
+    "randaugment_from": (0, 1, False, True), "augment_until": (0, 1, True, False),
     "color_jitter": (0, 10, False, False), "random_erasing": (0, 1, False, False), "mixup": (0, 100, False, False),
     "cutmix": (0, 100, False, False), "crop_pct": (0, 1, True, False), "ema_decay": (0, 1, False, True),
     "tta_shift": (0, 64, False, False), "translate": (0, 64, False, False), "res_start": (0, 4096, False, False),
@@ -108,6 +108,8 @@ class TrainConfig:
                                              "needs timm)")
     randaugment_from: float = _f(0.0, "fraction of training (below 1) from which RandAugment applies, so that "
                                       "augmentation strengthens late in a run (decoded data sets); 0 = throughout")
+    augment_until: float = _f(1.0, "fraction of training (above 0) after which the images are plain but for flips: "
+                                   "translation, crops, RandAugment, jitter, erasing, mixup and CutMix stop; 1 = never")
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength; 0 = off")
     random_erasing: float = _f(0.0, "probability of random erasing; 0 = off")
     mixup: float = _f(0.0, "mixup alpha; 0 = off")
@@ -202,6 +204,15 @@ class TrainConfig:
                               f"timm): the paper's m9 is 9")
         if self.randaugment_from and not self.randaugment_n:
             raise ConfigError("randaugment_from delays RandAugment, but randaugment_n is 0: set randaugment_n 2")
+        if self.augment_until < 1:
+            stopped = [k for k in ("translate", "randaugment_n", "color_jitter", "random_erasing", "mixup", "cutmix")
+                       if getattr(self, k)] + (["scale_min"] if self.scale_min < 1 else [])
+            if not stopped:
+                raise ConfigError(f"augment_until {self.augment_until:g} stops the augmentation beyond flips, but this "
+                                  f"recipe has none: drop augment_until")
+            if self.randaugment_n and self.randaugment_from >= self.augment_until:
+                raise ConfigError(f"randaugment_from {self.randaugment_from:g} is not before augment_until "
+                                  f"{self.augment_until:g}, so RandAugment would never run: lower randaugment_from")
         if self.res_start and self.res_start < patch:
             raise ConfigError(f"res_start {self.res_start} is smaller than the patch size {patch}: raise res_start")
         return self

@@ -32,7 +32,7 @@ from .config import TrainConfig, check_resume
 from .data import (STATS, ImageData, TransformedImages, batch_mixer, first_image, load_dataset, split_train_val,
                    eval_transform, leave_signals_to_the_parent, train_transform, worker_errors_in_one_line)
 from .errors import ConfigError, TrainingError
-from .augment import BatchAugment, to_device
+from .augment import BatchAugment, plain_images, to_device
 from .evaluate import evaluate
 from .model import (ConvMixer, PointwiseConv2d, correlated_depthwise, identity_depthwise, model_kwargs,
                     stats_for_channels, whiten_stem)
@@ -461,7 +461,7 @@ def _restore(run: Run, ckpt: dict) -> None:
               if ckpt["config"].get(key) != getattr(run.cfg, key)]
     if longer:  # progress is steps (or minutes) done over the whole length, so it moves back
         run.log(f"{', '.join(longer)}: the schedule now spans the new length, so the learning rate (and progressive "
-                f"resizing, randaugment_from) continue from {100 * run.progress(run.spent):.0f}% of it, not where "
+                f"resizing, randaugment_from, augment_until) continue from {100 * run.progress(run.spent):.0f}% of it, not where "
                 f"the run stopped")
 
 
@@ -513,7 +513,8 @@ def train_step(run: Run, micro_batches):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        images, targets = run.mixer(images, labels) if run.mixer else (images, labels)
+        mix = run.mixer and not plain_images(cfg, progress)
+        images, targets = run.mixer(images, labels) if mix else (images, labels)
         sync = nullcontext() if (run.world == 1 or a == cfg.accum_steps - 1) else model.no_sync()
         with sync:
             with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
@@ -621,7 +622,7 @@ def _augmentation(cfg: TrainConfig, data: ImageData, info: RunInfo, device: torc
         if device.type == "cuda" and data.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
             data.images = data.images.to(device)  # else batches are cut on the CPU and moved one by one
         return BatchAugment(cfg, info.img_size, info.mean, info.std, len(data))
-    for key, off in (("hflip_alternate", False), ("randaugment_from", 0.0)):
+    for key, off in (("hflip_alternate", False), ("randaugment_from", 0.0), ("augment_until", 1.0)):
         if getattr(cfg, key) != off:
             why = "randaugment_impl timm augments image by image" if data.images is not None else \
                 "this image folder streams from disk"

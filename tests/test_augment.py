@@ -112,6 +112,20 @@ def test_randaugment_from_applies_it_only_late_in_training():
     assert int(changed.sum()) > len(images) // 2  # two rounds of 14 operations rarely leave an image as it was
 
 
+def test_augment_until_leaves_only_flips_and_the_resize_late_in_training():
+    cfg = TrainConfig(randaugment_n=2, translate=2, random_erasing=1.0, scale_min=0.5, augment_until=0.8, hflip=1.0)
+    aug = BatchAugment(cfg, 16, [0.0] * 3, [1.0] * 3)
+    images = _images()
+    mirrored = images.flip(-1).float() / 255
+    assert torch.equal(aug(images, progress=0.8), mirrored) and torch.equal(aug(images, progress=1.0), mirrored)
+    early = aug(images, progress=0.79)
+    assert (~(early == mirrored).flatten(1).all(1)).all()  # erasing every image, at the least
+    larger = torch.nn.functional.interpolate(images.float(), size=24, mode="nearest").round().to(torch.uint8)
+    late = aug(larger, progress=0.9)  # images of another size: resized whole, as evaluation does, not cropped
+    assert late.shape == (64, 3, 16, 16)
+    assert torch.equal(late, v2.functional.resize(larger, [16], antialias=True).flip(-1).float() / 255)
+
+
 def test_timm_randaugment_is_seeded_per_image_and_leaves_the_global_generators_alone(tmp_path, fashion_dir):
     """randaugment_impl timm: timm's rand-m9-mstd0.5-inc1 (the paper's ImageNet recipe), drawn from each image's
     own seed like the rest of the per-image pipeline, so a resumed or multi-worker run sees the same images."""

@@ -1,5 +1,6 @@
 """The fast-training options: translation, progressive resizing, the whitening stem and the two
 initialisations of the depthwise filters (identity, correlated taps)."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -222,6 +223,11 @@ def test_a_run_with_the_fast_options_learns(tmp_path, fashion_dir):
     (dict(randaugment_n=0, randaugment_from=0.5), "randaugment_n is 0"),
     (dict(randaugment_from=-0.1), "randaugment_from=-0.1 is outside"),
     (dict(randaugment_from=float("nan")), "randaugment_from"),
+    (dict(augment_until=0.0), "augment_until=0 is outside"),
+    (dict(augment_until=1.5), "augment_until=1.5 is outside"),
+    (dict(augment_until=float("nan")), "augment_until must be a finite number"),
+    (dict(augment_until=0.8, randaugment_n=0), "recipe has none: drop augment_until"),
+    (dict(augment_until=0.5, randaugment_from=0.5), "RandAugment would never run"),
 ])
 def test_bad_fast_options_are_refused(values, words):
     with pytest.raises(ConfigError, match=words):
@@ -234,12 +240,27 @@ def test_options_larger_than_the_images_are_refused(tmp_path, fashion_dir, value
         train(tiny_config(tmp_path, fashion_dir, **values))
 
 
-@pytest.mark.parametrize("key, value", [("hflip_alternate", True), ("randaugment_from", 0.5)])
+@pytest.mark.parametrize("key, value", [("hflip_alternate", True), ("randaugment_from", 0.5), ("augment_until", 0.5)])
 def test_batch_only_options_on_a_streamed_folder_are_refused(tmp_path, folder_dir, key, value):
     cfg = tiny_config(tmp_path, folder_dir, dataset="imagefolder", img_size=32, cache=False, hflip=0.5,
                       randaugment_n=2, **{key: value})
     with pytest.raises(ConfigError, match=f"{key} needs a decoded data set.*drop {key}"):
         train(cfg)
+
+
+def test_mixup_stops_at_augment_until(tmp_path, fashion_dir, monkeypatch):
+    mixed, make_mixer = [], training.batch_mixer
+
+    def counting_mixer(cfg, num_classes):
+        mixer = make_mixer(cfg, num_classes)
+        return lambda images, labels: mixed.append(len(labels)) or mixer(images, labels)
+
+    monkeypatch.setattr(training, "batch_mixer", counting_mixer)
+    cfg = tiny_config(tmp_path, fashion_dir, mixup=0.8, augment_until=0.5, randaugment_n=0, epochs=4)
+    train(cfg)
+    steps = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    # mixed while the step about to be taken (counted from 1, as progress does) is in the first half
+    assert len(mixed) == sum((i + 1) / steps < 0.5 for i in range(steps)) == steps // 2 - 1
 
 
 def test_whitening_a_stem_it_cannot_whiten_is_refused(tmp_path, fashion_dir):
