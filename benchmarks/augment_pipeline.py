@@ -37,7 +37,7 @@ def main():
         torch.stack([per_image[i][0] for i in index.tolist()])
         times["per image"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        batched(data.images[index])
+        batched(data.images[index], progress=cfg.randaugment_from)  # where the whole recipe applies
         times["per batch"].append(time.perf_counter() - t)
     rate = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
     report = dict(images_per_second=rate, ratio=rate["per batch"] / rate["per image"], batch_size=args.batch_size,

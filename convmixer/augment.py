@@ -11,8 +11,9 @@ the recipe's augmentation to a micro-batch at a time instead of image by image i
   the CPU: on a GPU, a round is one gather, the operations on contiguous sub-batches, one gather back.
 - horizontal flips are one masked flip, translations one gather (reflecting at the border, as
   ``v2.RandomCrop(padding=N, padding_mode="reflect")``); random-resized crops, colour jitter and random erasing, off in
-  most recipes, run torchvision's per-image transforms on the images that need them;
-- from augment_until on (a fraction of training), only the flips and the resize to img_size apply.
+  most recipes, run torchvision's per-image transforms on the images that need them.
+- From augment_until on (a fraction of training), only the flips apply, and images of another size are resized
+  whole (shorter side to img_size, centre crop) instead of cropped at random.
 
 Streamed folders keep the per-image pipeline (data.train_transform) in DataLoader workers.
 """
@@ -48,7 +49,7 @@ class BatchAugment:
         plain = plain_images(cfg, progress)
         resize = images.shape[-2:] != (self.img_size, self.img_size)
         if plain and resize:
-            images = self.resize(images)  # the whole image, as evaluation sees it
+            images = self.resize(images)  # the whole image, not a random crop of it
         elif not plain and (cfg.scale_min < 1 or resize):
             images = torch.stack([self.crop(img) for img in images])
         if cfg.hflip > 0:

@@ -106,9 +106,10 @@ class TrainConfig:
     randaugment_impl: str = _f("torchvision", "whose RandAugment: torchvision (the authors' CIFAR-10 script) or timm "
                                              "(rand-mM-nN-mstd0.5-inc1, the paper's ImageNet recipe; image by image, "
                                              "needs timm)")
-    randaugment_from: float = _f(0.0, "fraction of training (below 1) from which RandAugment applies, so that "
-                                      "augmentation strengthens late in a run (decoded data sets); 0 = throughout")
-    augment_until: float = _f(1.0, "fraction of training (above 0) after which the images are plain but for flips: "
+    randaugment_from: float = _f(0.0, "fraction of training (below 1, before augment_until) from which RandAugment "
+                                      "applies, so that augmentation strengthens late in a run (decoded data sets); "
+                                      "0 = throughout")
+    augment_until: float = _f(1.0, "fraction of training (above 0) from which the images are plain but for flips: "
                                    "translation, crops, RandAugment, jitter, erasing, mixup and CutMix stop; 1 = never")
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength; 0 = off")
     random_erasing: float = _f(0.0, "probability of random erasing; 0 = off")

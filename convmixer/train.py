@@ -461,8 +461,8 @@ def _restore(run: Run, ckpt: dict) -> None:
               if ckpt["config"].get(key) != getattr(run.cfg, key)]
     if longer:  # progress is steps (or minutes) done over the whole length, so it moves back
         run.log(f"{', '.join(longer)}: the schedule now spans the new length, so the learning rate (and progressive "
-                f"resizing, randaugment_from, augment_until) continue from {100 * run.progress(run.spent):.0f}% of it, not where "
-                f"the run stopped")
+                f"resizing, randaugment_from, augment_until) continue from {100 * run.progress(run.spent):.0f}% of it, "
+                f"not where the run stopped")
 
 
 def _open_logs(run: Run, ckpt: dict | None) -> None:

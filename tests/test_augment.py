@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from convmixer.augment import BatchAugment
+from convmixer.augment import BatchAugment, plain_images
 from convmixer.config import TrainConfig
 
 
@@ -120,8 +120,9 @@ def test_augment_until_leaves_only_flips_and_the_resize_late_in_training():
     assert torch.equal(aug(images, progress=0.8), mirrored) and torch.equal(aug(images, progress=1.0), mirrored)
     early = aug(images, progress=0.79)
     assert (~(early == mirrored).flatten(1).all(1)).all()  # erasing every image, at the least
+    assert not plain_images(TrainConfig(translate=2), 1.0)  # the default, 1: augmented to the last step
     larger = torch.nn.functional.interpolate(images.float(), size=24, mode="nearest").round().to(torch.uint8)
-    late = aug(larger, progress=0.9)  # images of another size: resized whole, as evaluation does, not cropped
+    late = aug(larger, progress=0.9)  # images of another size: resized whole, not cropped at random
     assert late.shape == (64, 3, 16, 16)
     assert torch.equal(late, v2.functional.resize(larger, [16], antialias=True).flip(-1).float() / 255)
 

@@ -260,7 +260,7 @@ def test_mixup_stops_at_augment_until(tmp_path, fashion_dir, monkeypatch):
     train(cfg)
     steps = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     # mixed while the step about to be taken (counted from 1, as progress does) is in the first half
-    assert len(mixed) == sum((i + 1) / steps < 0.5 for i in range(steps)) == steps // 2 - 1
+    assert 0 < len(mixed) == sum((i + 1) / steps < 0.5 for i in range(steps))
 
 
 def test_whitening_a_stem_it_cannot_whiten_is_refused(tmp_path, fashion_dir):
