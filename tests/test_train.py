@@ -275,12 +275,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args, nproc=2):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                          f"--master_port={_free_port()}", "-m", "convmixer", *args], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _torchrun(args, nproc=2, abort_retries=0):
+    """``abort_retries``: runs again after a process was aborted (SIGABRT), each failure's whole output printed
+    (pytest shows it if the test fails)."""
+    for attempt in range(abort_retries + 1):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                              f"--master_port={_free_port()}", "-m", "convmixer", *args], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode == 0:
+            return out
+        print(f"attempt {attempt + 1} of torchrun {args}:\n{out.stdout}\n{out.stderr}")
+        if "SIGABRT" not in out.stderr:
+            break
     assert out.returncode == 0, (args, out.stdout[-2000:], out.stderr[-3000:])
-    return out
 
 
 def test_ddp_resume_draws_what_each_process_would_have_drawn(tmp_path, fashion_dir):
@@ -307,7 +314,9 @@ def test_ddp_resume_draws_what_each_process_would_have_drawn(tmp_path, fashion_d
     command = ["eval", "--checkpoint", str(tmp_path / "whole" / "last.pt"), "--fp32", "--json", "--full"]
     alone = _run_cli(command)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    alone, shared = json.loads(alone.stdout), _torchrun(command)
+    # one retry: in 1 of about 50 runs gloo has aborted a process of `convmixer eval` under torchrun (a fresh-clone
+    # run of this suite, 2026-12-07; not reproduced in 32 runs alone, cause not found)
+    alone, shared = json.loads(alone.stdout), _torchrun(command, abort_retries=1)
     assert len(shared.stdout.splitlines()) == 1  # rank 0 reports
     shared = json.loads(shared.stdout)
     logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()][-1]
