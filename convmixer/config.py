@@ -206,9 +206,8 @@ class TrainConfig:
         if self.randaugment_from and not self.randaugment_n:
             raise ConfigError("randaugment_from delays RandAugment, but randaugment_n is 0: set randaugment_n 2")
         if self.augment_until < 1:
-            stopped = [k for k in ("translate", "randaugment_n", "color_jitter", "random_erasing", "mixup", "cutmix")
-                       if getattr(self, k)] + (["scale_min"] if self.scale_min < 1 else [])
-            if not stopped:
+            if self.scale_min == 1 and not any(getattr(self, k) for k in ("translate", "randaugment_n", "color_jitter",
+                                                                         "random_erasing", "mixup", "cutmix")):
                 raise ConfigError(f"augment_until {self.augment_until:g} stops the augmentation beyond flips, but this "
                                   f"recipe has none: drop augment_until")
             if self.randaugment_n and self.randaugment_from >= self.augment_until:
