@@ -314,7 +314,7 @@ def test_ddp_resume_draws_what_each_process_would_have_drawn(tmp_path, fashion_d
     command = ["eval", "--checkpoint", str(tmp_path / "whole" / "last.pt"), "--fp32", "--json", "--full"]
     alone = _run_cli(command)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    # one retry: in about 1 of 30 runs on a busy 2-core machine rank 1 of `convmixer eval` under torchrun aborts at
+    # one retry: in 2 of 50 runs on a busy 2-core machine rank 1 of `convmixer eval` under torchrun aborts at
     # exit ("terminate called without an active exception": a C++ thread still joinable at exit), after rank 0 has
     # printed the results; the cause inside torch's gloo teardown is not found (2026-12-07)
     alone, shared = json.loads(alone.stdout), _torchrun(command, abort_retries=1)

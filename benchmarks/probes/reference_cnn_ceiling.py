@@ -147,6 +147,9 @@ def main():
     args = ap.parse_args()
     if not (0 < args.epochs < 1000 and 0 < args.lr < 1000 and 0 < min(args.widths) <= max(args.widths) <= 4096):
         ap.error("--epochs and --lr must be positive numbers under 1000, --widths whole numbers from 1 to 4096")
+    if args.requality and args.dataset != "cifar10":
+        ap.error("--requality re-encodes the CIFAR-10 JPEG copy; Fashion-MNIST is stored lossless: drop --requality")
+    split = "val" if args.dataset == "cifar10" else "test"  # what the second set is: seed 0's split, or the test split
     convmixer.tune_cpu()
     amp = amp_dtype(args.amp, torch.device("cpu"))
     try:
@@ -158,8 +161,6 @@ def main():
             val = load_dataset(args.dataset, args.data_dir, train=False, progress=False)
     except DataError as e:
         ap.error(str(e))
-    if args.requality and args.dataset != "cifar10":
-        ap.error("--requality re-encodes the CIFAR-10 JPEG copy; Fashion-MNIST is stored lossless")
     if args.requality:
         train.images, val.images = requality(train.images, args.requality), requality(val.images, args.requality)
     torch.manual_seed(args.seed)
@@ -189,7 +190,7 @@ def main():
     slow = [p.detach().clone() for p in model.state_dict().values()]
     resaved = f" saved again at quality {args.requality}" if args.requality else ""
     print(f"reference CNN: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train)} train / "
-          f"{len(val)} {'val JPEG' if args.dataset == 'cifar10' else 'test'} images{resaved}, {total} steps of {batch} ({args.epochs} epochs), amp={amp}",
+          f"{len(val)} {split} images{resaved}, {total} steps of {batch} ({args.epochs} epochs), amp={amp}",
           flush=True)
     flip_bit = torch.rand(len(train)) < 0.5
     step, start, trained = 0, time.perf_counter(), 0.0
@@ -225,7 +226,6 @@ def main():
         print(f"epoch {epoch + 1}: {trained / 60:.1f} min, loss {loss.item() / len(idx):.3f}", flush=True)
     for s, p in zip(slow, model.state_dict().values()):  # end on the slow weights
         p.copy_(s)
-    split = "val" if args.dataset == "cifar10" else "test"
     result = {"dataset": args.dataset, "epochs": args.epochs, "seed": args.seed, "widths": args.widths, "lr": args.lr,
               "requality": args.requality, "train_minutes": round(trained / 60, 2),
               "img_per_s": round(step * batch / trained), "amp": str(amp),
